@@ -1,0 +1,3 @@
+from llmtune.cli.app import main
+
+main()

@@ -1,0 +1,41 @@
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmtune.cli.options import Overrides
+
+
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run directory (tuned model) or a recipe (its base model).")],
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also evaluate the untuned base model and show the difference.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Results JSON; default RUN_DIR/eval.json for a run directory.")
+    ] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Score a model on held-out data: perplexity, BLEU, ROUGE, exact match.
+
+    Example: llmtune eval runs/quickstart --compare-base
+    """
+    from llmtune.evaluation import evaluate as run_eval
+
+    report = run_eval(target, compare_base=compare_base, out=out, overrides=overrides or [])
+    typer.echo(format_table(report.results))
+    typer.echo(f"{report.examples} held-out examples" + (f"; results in {report.out}" if report.out else ""))
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    columns = [c for c in ("base", "tuned") if c in results]
+    if len(columns) == 2:
+        columns.append("delta")
+    metrics = list(dict.fromkeys(k for r in results.values() for k in r))
+    lines = [f"{'metric':<12}" + "".join(f"{c:>12}" for c in columns)]
+    for name in metrics:
+        cells = [results[c].get(name) for c in columns if c != "delta"]
+        if "delta" in columns:
+            cells.append(cells[1] - cells[0] if None not in cells else None)
+        lines.append(f"{name:<12}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
+    return "\n".join(lines)

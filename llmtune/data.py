@@ -1,0 +1,411 @@
+"""The one place that knows dataset formats: load rows, format them, tokenize them, mask the loss.
+
+A row becomes a `Sample`: either a conversation rendered with the tokenizer's chat template, or raw
+text pieces. Tokenizing a sample gives `input_ids` and `labels`, where every token outside the
+response (assistant turns, completion) is -100 and the EOS that ends each response carries loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmtune.errors import LLMTuneError, first_line
+from llmtune.recipe import DataSpec, Recipe, is_local_data_ref
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+# Canonical column names of each format; `data.columns` maps them to the names in the user's file.
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "instruction": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+OPTIONAL_COLUMNS = {"input"}
+# ShareGPT-style rows ({"from": "human", "value": ...}) are common enough to accept as they are.
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class Sample:
+    """One formatted row. Exactly one of `messages` and `segments` is set."""
+
+    messages: list[dict[str, str]] | None = None
+    segments: list[tuple[str, bool]] | None = None  # (text, carries loss); EOS is added after the last
+
+    def prompt_and_reference(self) -> tuple[Sample, str] | None:
+        """The part a model is given at inference, and the response it should produce (None for plain text)."""
+        if self.messages is not None:
+            last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+            return Sample(messages=self.messages[:last]), self.messages[last]["content"]
+        loss_idx = [i for i, (_, loss) in enumerate(self.segments) if loss]
+        if not loss_idx or loss_idx[-1] == 0:
+            return None
+        last = loss_idx[-1]
+        return Sample(segments=self.segments[:last]), self.segments[last][0]
+
+
+@dataclass
+class PreparedData:
+    train: Dataset
+    eval: Dataset | None
+    eval_samples: list[Sample]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def load_rows(ref: str, split: str = "train") -> Sequence[dict[str, Any]]:
+    """Rows of a local file, a `save_to_disk` directory or a hub dataset, as dicts."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return _load_from_disk(path, split)
+    if path.is_file():
+        loader = _FILE_LOADERS.get(path.suffix.lower())
+        if loader is None:
+            raise LLMTuneError(f"{path}: unsupported data file type; use one of {', '.join(_FILE_LOADERS)}")
+        return loader(path)
+    if is_local_data_ref(ref):
+        raise LLMTuneError(f"{path}: data file not found")
+    return _load_from_hub(ref, split)
+
+
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LLMTuneError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise LLMTuneError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _load_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LLMTuneError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise LLMTuneError(f"{path}: expected a JSON list of objects (or use .jsonl, one object per line)")
+    return data
+
+
+def _load_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _load_parquet(path: Path) -> Sequence[dict[str, Any]]:
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_parquet(str(path))
+    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        raise LLMTuneError(f"{path}: cannot read parquet: {first_line(e)}") from None
+
+
+def _load_txt(path: Path) -> list[dict[str, Any]]:
+    # Blank lines separate documents, so a text file reads as one row per paragraph.
+    text = path.read_text(encoding="utf-8")
+    return [{"text": block.strip()} for block in text.split("\n\n") if block.strip()]
+
+
+_FILE_LOADERS = {
+    ".jsonl": _load_jsonl,
+    ".json": _load_json,
+    ".csv": _load_csv,
+    ".parquet": _load_parquet,
+    ".txt": _load_txt,
+}
+
+
+def _load_from_disk(path: Path, split: str) -> Sequence[dict[str, Any]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise LLMTuneError(f"{path}: not a dataset saved with save_to_disk: {first_line(e)}") from None
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise LLMTuneError(f"{path}: no split {split!r}; set data.split to one of {', '.join(data)}")
+        data = data[split]
+    return data
+
+
+def _load_from_hub(name: str, split: str) -> Sequence[dict[str, Any]]:
+    import os
+
+    from datasets import load_dataset
+
+    from llmtune.models import hub_reachable
+
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        raise LLMTuneError(
+            f"dataset {name!r}: not a local file, and the Hugging Face Hub could not be reached to download it; "
+            "point data.train at a local .jsonl/.json/.csv/.parquet file or a save_to_disk directory"
+        )
+    try:
+        return load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError)
+        raise LLMTuneError(f"dataset {name!r}: {first_line(e)}") from None
+
+
+# --- formatting ------------------------------------------------------------------------------------
+
+
+def check_columns(rows: Sequence[dict[str, Any]], spec: DataSpec, source: str) -> None:
+    if len(rows) == 0:
+        raise LLMTuneError(f"{source}: the dataset is empty")
+    present = set(rows[0].keys())
+    for canonical in FORMAT_COLUMNS[spec.format]:
+        actual = spec.columns.get(canonical, canonical)
+        if actual not in present and canonical not in OPTIONAL_COLUMNS:
+            mapped = f" (mapped from {canonical!r})" if actual != canonical else ""
+            raise LLMTuneError(
+                f"{source}: column {actual!r}{mapped} not found for format {spec.format!r}; columns are "
+                f"{', '.join(sorted(present))}; set data.format or map it with data.columns.{canonical}"
+            )
+
+
+def to_sample(row: dict[str, Any], spec: DataSpec, where: str) -> Sample:
+    """Format one row; `where` names the file and row in errors."""
+    col = {c: spec.columns.get(c, c) for c in FORMAT_COLUMNS[spec.format]}
+    if spec.format == "text":
+        text = _text(row.get(col["text"]), where, col["text"])
+        return Sample(segments=[(text, True)])
+    if spec.format == "chat":
+        messages = _messages(row.get(col["messages"]), where, col["messages"])
+    elif spec.format == "instruction":
+        instruction = _text(row.get(col["instruction"]), where, col["instruction"])
+        extra = row.get(col["input"]) or ""
+        prompt = f"{instruction}\n\n{extra}" if str(extra).strip() else instruction
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(row.get(col["output"]), where, col["output"])},
+        ]
+    else:
+        messages = [
+            {"role": "user", "content": _text(row.get(col["prompt"]), where, col["prompt"])},
+            {"role": "assistant", "content": _text(row.get(col["completion"]), where, col["completion"])},
+        ]
+    if spec.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": spec.system_prompt}, *messages]
+    if not spec.chat_template:
+        if spec.format == "chat":
+            raise LLMTuneError(f"{where}: format 'chat' needs data.chat_template: true")
+        return Sample(segments=[(m["content"], m["role"] == "assistant") for m in messages])
+    return Sample(messages=messages)
+
+
+def _text(value: Any, where: str, column: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise LLMTuneError(f"{where}: column {column!r} is empty or not text; every row needs a response")
+    return value
+
+
+def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise LLMTuneError(f"{where}: column {column!r} must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise LLMTuneError(f"{where}: {column}[{i}] is not a {{role, content}} object")
+        role = m.get("role", _SHAREGPT_ROLES.get(m.get("from", "")))
+        content = m.get("content", m.get("value"))
+        if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
+            raise LLMTuneError(f"{where}: {column}[{i}] needs a role (system/user/assistant) and text content")
+        if role == "assistant" and not content.strip():
+            raise LLMTuneError(f"{where}: {column}[{i}] is an empty assistant message")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LLMTuneError(f"{where}: no assistant message, so no response tokens to train on")
+    return messages
+
+
+def load_samples(ref: str, spec: DataSpec) -> list[Sample]:
+    rows = load_rows(ref, spec.split)
+    check_columns(rows, spec, ref)
+    return [to_sample(row, spec, f"{ref}: row {i}") for i, row in enumerate(rows, 1)]
+
+
+def split_samples(recipe: Recipe) -> tuple[list[Sample], list[Sample]]:
+    """Train and held-out samples, the held-out part drawn by `training.seed` when `data.eval` is absent."""
+    spec = recipe.data
+    train = load_samples(spec.train, spec)
+    if spec.eval is not None:
+        return train, load_samples(spec.eval, spec)
+    if spec.eval_split == 0 or len(train) < 2:
+        return train, []
+    order = list(range(len(train)))
+    random.Random(recipe.training.seed).shuffle(order)
+    n_eval = max(1, math.floor(len(train) * spec.eval_split))
+    held = set(order[:n_eval])
+    return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+# --- tokenizing and masking ------------------------------------------------------------------------
+
+
+def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, loss_on: str = "response") -> tuple[list[int], list[int]]:
+    """Token ids and labels for one sample; labels are -100 wherever no loss is taken."""
+    pieces = _pieces(sample, tokenizer)
+    ids, loss = _tokenize_pieces(tokenizer, pieces)
+    if loss_on == "all":
+        labels = list(ids)
+    else:
+        labels = [t if on else IGNORE_INDEX for t, on in zip(ids, loss)]
+    return ids, labels
+
+
+def encode_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a prompt exactly as training saw them before the response (with the generation prompt)."""
+    if sample.messages is not None:
+        text = _render(tokenizer, sample.messages, add_generation_prompt=True)
+    else:
+        text = "".join(t for t, _ in sample.segments)
+    ids, _ = _tokenize_pieces(tokenizer, [(text, False)])
+    return ids
+
+
+def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    eos = tokenizer.eos_token
+    if sample.segments is not None:
+        pieces = list(sample.segments)
+        text, loss = pieces[-1]
+        return [*pieces[:-1], (text + eos, loss)]
+    # Render the conversation turn by turn, so the text between "prompt with generation prompt" and
+    # "conversation through this assistant turn" is exactly the response the model must produce.
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(sample.messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, sample.messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, sample.messages[: i + 1], add_generation_prompt=False)
+        if not prefix.startswith(done) or not through.startswith(prefix):
+            raise LLMTuneError(
+                f"tokenizer {tokenizer.name_or_path!r}: its chat template rewrites earlier turns, so responses "
+                "cannot be located; set data.chat_template: false or use another template"
+            )
+        response = through[len(prefix) :]
+        end = response.find(eos) if eos else -1
+        pieces.append((prefix[len(done) :], False))
+        if end < 0:
+            # The template does not end turns with EOS: add it, or the tuned model never learns to stop.
+            pieces.append((response.rstrip("\n") + eos, True))
+        else:
+            pieces.append((response[: end + len(eos)], True))
+            pieces.append((response[end + len(eos) :], False))
+        done = through
+    tail = _render(tokenizer, sample.messages, add_generation_prompt=False)[len(done) :]
+    if tail:
+        pieces.append((tail, False))
+    return [p for p in pieces if p[0]]
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    if not tokenizer.chat_template:
+        raise LLMTuneError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; set data.chat_template: false "
+            "(prompt and response are then joined as plain text)"
+        )
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _tokenize_pieces(tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Tokenize the joined text once (as inference will) and mark tokens that start inside a loss piece."""
+    text = "".join(t for t, _ in pieces)
+    # Special tokens are never added here: a chat template that writes BOS plus a tokenizer that adds one
+    # would give two. BOS is prepended below only when the text lacks it and the tokenizer expects it.
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    starts = [s for s, _ in enc["offset_mapping"]]
+    bounds, pos = [], 0
+    for piece, loss in pieces:
+        bounds.append((pos, pos + len(piece), loss))
+        pos += len(piece)
+    loss_mask = [any(lo <= s < hi and loss for lo, hi, loss in bounds) for s in starts]
+    bos = _bos_to_add(tokenizer)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids, loss_mask = [bos, *ids], [False, *loss_mask]
+    return ids, loss_mask
+
+
+def _bos_to_add(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id:
+        return tokenizer.bos_token_id
+    return None
+
+
+def encode_dataset(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, loss_on: str, source: str
+) -> tuple[Dataset, dict[str, int]]:
+    """Tokenize, mask and length-limit samples; returns the dataset and counts of what was cut."""
+    from datasets import Dataset
+
+    input_ids, labels = [], []
+    truncated = dropped = 0
+    for i, sample in enumerate(samples, 1):
+        ids, lab = encode(sample, tokenizer, loss_on)
+        if not any(t != IGNORE_INDEX for t in lab):
+            raise LLMTuneError(f"{source}: row {i} has no tokens that carry loss")
+        if len(ids) > spec.max_length:
+            if spec.overflow == "drop":
+                dropped += 1
+                continue
+            ids, lab = ids[: spec.max_length], lab[: spec.max_length]
+            if all(t == IGNORE_INDEX for t in lab):
+                # The whole response was cut away: the row would teach nothing.
+                dropped += 1
+                continue
+            truncated += 1
+        input_ids.append(ids)
+        labels.append(lab)
+    if not input_ids:
+        raise LLMTuneError(
+            f"{source}: every row is longer than data.max_length={spec.max_length} tokens; raise data.max_length"
+        )
+    counts = {
+        "rows": len(input_ids),
+        "truncated": truncated,
+        "dropped": dropped,
+        "tokens": sum(len(x) for x in input_ids),
+        "loss_tokens": sum(sum(t != IGNORE_INDEX for t in lab) for lab in labels),
+    }
+    return Dataset.from_dict({"input_ids": input_ids, "labels": labels}), counts
+
+
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    train_samples, eval_samples = split_samples(recipe)
+    loss_on = recipe.objective.loss_on
+    train, train_counts = encode_dataset(train_samples, tokenizer, recipe.data, loss_on, recipe.data.train)
+    report = {"train": train_counts}
+    eval_ds = None
+    if eval_samples:
+        eval_ds, report["eval"] = encode_dataset(
+            eval_samples, tokenizer, recipe.data, loss_on, recipe.data.eval or recipe.data.train
+        )
+    return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)

@@ -1,0 +1,232 @@
+"""Run a model over held-out data, by scoring (perplexity) and by generation (BLEU, ROUGE, exact match)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmtune import artifacts, metrics
+from llmtune.artifacts import is_run_dir
+from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
+from llmtune.errors import LLMTuneError
+from llmtune.models import load_model, load_tokenizer, load_tuned
+from llmtune.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+GENERATION_METRICS = ("bleu", "rouge", "exact_match")
+
+
+@dataclass
+class EvalReport:
+    results: dict[str, dict[str, float]]  # {"tuned": {...}, "base": {...}}
+    predictions: list[dict[str, Any]]
+    out: Path | None
+    examples: int
+
+
+def evaluate(
+    target: str | Path,
+    compare_base: bool = False,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+) -> EvalReport:
+    """Evaluate a run directory (tuned, and base with `compare_base`) or a recipe's base model."""
+    path = Path(target)
+    if is_run_dir(path):
+        artifacts.open_run(path)
+        recipe = load_recipe(path / artifacts.RECIPE_FILE, overrides)
+        model, tokenizer = load_tuned(path)
+        label = "tuned"
+        out = out or path / artifacts.EVAL_FILE
+    else:
+        recipe = load_recipe(path, overrides)
+        tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
+        model = load_model(recipe.model, recipe.training.dtype)
+        label, compare_base = "base", False
+    _, samples = split_samples(recipe)
+    if not samples:
+        raise LLMTuneError(f"{path}: no held-out data; set data.eval or data.eval_split above 0")
+    samples = samples[: recipe.eval.max_examples or len(samples)]
+
+    results, generations = {}, {}
+    results[label], generations[label] = score_model(model, tokenizer, samples, recipe)
+    if compare_base:
+        with _base_of(model, recipe) as base:
+            results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe)
+
+    predictions = _prediction_rows(samples, tokenizer, generations)
+    if out is not None:
+        artifacts.write_json(out, results)
+        if predictions:
+            artifacts.write_jsonl(_predictions_path(out, path), predictions)
+    return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples))
+
+
+@contextlib.contextmanager
+def _base_of(model: PreTrainedModel, recipe: Recipe):
+    if hasattr(model, "disable_adapter"):
+        # The base is the same weights with the adapter switched off: no second copy in memory.
+        with model.disable_adapter():
+            yield model
+    else:
+        yield load_model(recipe.model, recipe.training.dtype)
+
+
+def _predictions_path(out: Path, target: Path) -> Path:
+    if out == target / artifacts.EVAL_FILE:
+        return target / artifacts.PREDICTIONS_FILE
+    return out.with_name(out.stem + "_predictions.jsonl")
+
+
+def _prediction_rows(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, generations: dict[str, list[str] | None]
+) -> list[dict[str, Any]]:
+    if any(g is None for g in generations.values()):
+        return []
+    rows = []
+    for i, sample in enumerate(samples):
+        prompt, reference = sample.prompt_and_reference()
+        rows.append(
+            {
+                "prompt": tokenizer.decode(encode_prompt(prompt, tokenizer)),
+                "reference": reference,
+                "prediction": {name: gens[i] for name, gens in generations.items()},
+            }
+        )
+    return rows
+
+
+def score_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
+) -> tuple[dict[str, float], list[str] | None]:
+    """The recipe's metrics for one model, and its generations (None when no generation metric applies)."""
+    wanted = recipe.eval.metrics
+    model.eval()
+    results: dict[str, float] = {}
+    if "perplexity" in wanted:
+        dataset, _ = encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, "eval data")
+        nll, n = response_nll(model, tokenizer, dataset["input_ids"], dataset["labels"], recipe.eval.batch_size)
+        results["perplexity"] = metrics.perplexity(nll, n)
+        results["loss"] = nll / n
+    pairs = [s.prompt_and_reference() for s in samples]
+    if not any(m in wanted for m in GENERATION_METRICS) or any(p is None for p in pairs):
+        return results, None
+    prompts = [encode_prompt(p, tokenizer) for p, _ in pairs]
+    references = [r for _, r in pairs]
+    predictions = generate_texts(model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    if "bleu" in wanted:
+        results["bleu"] = metrics.bleu(predictions, references)
+    if "rouge" in wanted:
+        results.update(metrics.rouge(predictions, references))
+    if "exact_match" in wanted:
+        results["exact_match"] = metrics.exact_match(predictions, references)
+    return results, predictions
+
+
+@torch.no_grad()
+def response_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    batch_size: int,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of every label that is not -100, and how many there are."""
+    total, count = 0.0, 0
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        shifted = lab[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += nll.item()
+        count += int((shifted != IGNORE_INDEX).sum())
+    if count == 0 or not math.isfinite(total):
+        raise LLMTuneError(f"evaluation: negative log-likelihood is {total} over {count} tokens")
+    return total, count
+
+
+@torch.no_grad()
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> list[str]:
+    """Complete each prompt, left-padded in batches, stopping at EOS; greedy unless temperature > 0."""
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+    model.eval()
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        ids, attn = pad_batch(prompts[start : start + batch_size], tokenizer.pad_token_id, left=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+        for row in out[:, ids.size(1) :]:
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def pad_batch(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        attn[i, span] = 1
+    return ids, attn
+
+
+def complete(
+    target: str,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    raw: bool = False,
+) -> str:
+    """Answer one prompt with a run directory's tuned model or any model reference, formatted as in training."""
+    path = Path(target)
+    system_prompt = None
+    if is_run_dir(path):
+        model, tokenizer = load_tuned(path)
+        data = load_recipe(path / artifacts.RECIPE_FILE).data
+        use_template = data.chat_template and data.format != "text"
+        system_prompt = data.system_prompt
+    else:
+        tokenizer = load_tokenizer(target)
+        model = load_model(target)
+        use_template = bool(tokenizer.chat_template)
+    if raw or not use_template:
+        sample = Sample(segments=[(prompt, False)])
+    else:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        sample = Sample(messages=[*system, {"role": "user", "content": prompt}])
+    torch.manual_seed(seed)
+    [text] = generate_texts(
+        model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens, 1, temperature, top_k, top_p
+    )
+    return text

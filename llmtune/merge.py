@@ -1,0 +1,82 @@
+"""Merge a run's adapter into its base model and prove the merged model computes the same function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmtune import artifacts
+from llmtune.artifacts import check_run_dir_free, open_run, staged_dir
+from llmtune.data import encode, split_samples
+from llmtune.errors import LLMTuneError
+from llmtune.evaluation import pad_batch
+from llmtune.models import load_tuned
+
+# Probe prompts used when a run has no held-out data to probe with.
+_FALLBACK_PROBES = ["The quick brown fox jumps over the lazy dog.", "Hello! How are you today?"]
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    max_abs_diff: float  # merged vs base+adapter
+    reload_max_abs_diff: float  # merged vs merged reloaded from disk
+    base_max_abs_diff: float  # merged vs base: zero would mean the adapter did nothing
+
+
+def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite: bool = False) -> MergeResult:
+    from transformers import AutoModelForCausalLM
+
+    run = open_run(run_path)
+    if not run.adapter.is_dir():
+        raise LLMTuneError(
+            f"{run_path}: method {run.recipe().method.name!r} trained the weights themselves; "
+            f"{run.model} is already a standalone model, no merge needed"
+        )
+    out = out.expanduser().resolve()
+    check_run_dir_free(out, overwrite)
+    model, tokenizer = load_tuned(run_path)
+    probes = _probe_batch(run, tokenizer)
+
+    with torch.no_grad():
+        tuned = _logits(model, probes)
+        with model.disable_adapter():
+            base = _logits(model, probes)
+        merged = model.merge_and_unload()
+        merged_logits = _logits(merged, probes)
+    diff = (merged_logits - tuned).abs().max().item()
+    base_diff = (merged_logits - base).abs().max().item()
+    if not diff <= tolerance:
+        raise LLMTuneError(
+            f"merge check failed: merged logits differ from base+adapter by {diff:.3g} (tolerance {tolerance}); "
+            "nothing was written"
+        )
+
+    with staged_dir(out) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        # Reload exactly as a user would, with plain transformers and no peft.
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=merged.dtype)
+        with torch.no_grad():
+            reload_diff = (_logits(reloaded, probes) - merged_logits).abs().max().item()
+        if not reload_diff <= tolerance:
+            raise LLMTuneError(f"merge check failed: reloaded merged model differs by {reload_diff:.3g}; nothing written")
+    return MergeResult(out=out, max_abs_diff=diff, reload_max_abs_diff=reload_diff, base_max_abs_diff=base_diff)
+
+
+def _probe_batch(run: artifacts.RunDir, tokenizer) -> dict[str, torch.Tensor]:
+    recipe = run.recipe()
+    _, held_out = split_samples(recipe)
+    prompts = [encode(s, tokenizer)[0] for s in held_out[:4]]
+    if not prompts:
+        prompts = [tokenizer(text)["input_ids"] for text in _FALLBACK_PROBES]
+    ids, attn = pad_batch(prompts, tokenizer.pad_token_id, left=False)
+    return {"input_ids": ids, "attention_mask": attn}
+
+
+def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    logits = model(**batch).logits.float()
+    return logits * batch["attention_mask"][..., None]

