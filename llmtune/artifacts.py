@@ -1,14 +1,14 @@
 """The run directory: its layout, atomic writes, and the manifest that tells a finished run from a crashed one.
 
-    RUN/
-      recipe.yaml            the resolved recipe: eval, merge-adapter and generate need nothing else
-      manifest.json          status (running / completed / failed), times, library versions
-      adapter/               peft adapter (safetensors) for adapter methods, or
-      model/                 the whole tuned model for methods that change base weights
-      tokenizer/             tokenizer with the chat template used in training
-      metrics.json           training metrics, parameter counts, data report
-      trainer_log.jsonl      one line per logging step
-      eval.json, eval_predictions.jsonl   written by `llmtune eval`
+RUN/
+  recipe.yaml            the resolved recipe: eval, merge-adapter and generate need nothing else
+  manifest.json          status (running / completed / failed), times, library versions
+  adapter/               peft adapter (safetensors) for adapter methods, or
+  model/                 the whole tuned model for methods that change base weights
+  tokenizer/             tokenizer with the chat template used in training
+  metrics.json           training metrics, parameter counts, data report
+  trainer_log.jsonl      one line per logging step
+  eval.json, eval_predictions.jsonl   written by `llmtune eval`
 """
 
 from __future__ import annotations

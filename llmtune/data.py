@@ -84,7 +84,7 @@ def load_rows(ref: str, split: str = "train") -> Sequence[dict[str, Any]]:
 
 def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -100,7 +100,7 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _load_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise LLMTuneError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -109,7 +109,8 @@ def _load_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    # utf-8-sig: spreadsheet programs start their "CSV UTF-8" files with a byte-order mark.
+    with path.open(encoding="utf-8-sig", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -124,7 +125,7 @@ def _load_parquet(path: Path) -> Sequence[dict[str, Any]]:
 
 def _load_txt(path: Path) -> list[dict[str, Any]]:
     # Blank lines separate documents, so a text file reads as one row per paragraph.
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     return [{"text": block.strip()} for block in text.split("\n\n") if block.strip()]
 
 
@@ -265,14 +266,16 @@ def split_samples(recipe: Recipe) -> tuple[list[Sample], list[Sample]]:
 # --- tokenizing and masking ------------------------------------------------------------------------
 
 
-def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, loss_on: str = "response") -> tuple[list[int], list[int]]:
+def encode(
+    sample: Sample, tokenizer: PreTrainedTokenizerBase, loss_on: str = "response"
+) -> tuple[list[int], list[int]]:
     """Token ids and labels for one sample; labels are -100 wherever no loss is taken."""
     pieces = _pieces(sample, tokenizer)
     ids, loss = _tokenize_pieces(tokenizer, pieces)
     if loss_on == "all":
         labels = list(ids)
     else:
-        labels = [t if on else IGNORE_INDEX for t, on in zip(ids, loss)]
+        labels = [t if on else IGNORE_INDEX for t, on in zip(ids, loss, strict=True)]
     return ids, labels
 
 
@@ -299,16 +302,22 @@ def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[st
     for i, m in enumerate(sample.messages):
         if m["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, sample.messages[:i], add_generation_prompt=True)
         through = _render(tokenizer, sample.messages[: i + 1], add_generation_prompt=False)
-        if not prefix.startswith(done) or not through.startswith(prefix):
-            raise LLMTuneError(
-                f"tokenizer {tokenizer.name_or_path!r}: its chat template rewrites earlier turns, so responses "
-                "cannot be located; set data.chat_template: false or use another template"
-            )
-        response = through[len(prefix) :]
+        prefix = _render(tokenizer, sample.messages[:i], add_generation_prompt=True) if i else ""
+        if i and prefix.startswith(done) and through.startswith(prefix):
+            start = len(prefix)
+        else:
+            # An opening assistant turn has no "prompt so far" to render (and some templates add a system
+            # prompt only then): locate the response by its text instead.
+            start = through.find(m["content"], len(done))
+            if start < 0 or not through.startswith(done):
+                raise LLMTuneError(
+                    f"tokenizer {tokenizer.name_or_path!r}: its chat template rewrites earlier turns, so responses "
+                    "cannot be located; set data.chat_template: false or use another template"
+                )
+        response = through[start:]
         end = response.find(eos) if eos else -1
-        pieces.append((prefix[len(done) :], False))
+        pieces.append((through[len(done) : start], False))
         if end < 0:
             # The template does not end turns with EOS: add it, or the tuned model never learns to stop.
             pieces.append((response.rstrip("\n") + eos, True))
@@ -333,7 +342,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _tokenize_pieces(tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+def _tokenize_pieces(
+    tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str, bool]]
+) -> tuple[list[int], list[bool]]:
     """Tokenize the joined text once (as inference will) and mark tokens that start inside a loss piece."""
     text = "".join(t for t, _ in pieces)
     # Special tokens are never added here: a chat template that writes BOS plus a tokenizer that adds one
@@ -355,7 +366,11 @@ def _tokenize_pieces(tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str,
 def _bos_to_add(tokenizer: PreTrainedTokenizerBase) -> int | None:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id:
+    if (
+        tokenizer.bos_token_id is not None
+        and len(with_special) > len(plain)
+        and with_special[0] == tokenizer.bos_token_id
+    ):
         return tokenizer.bos_token_id
     return None
 

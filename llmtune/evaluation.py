@@ -143,7 +143,8 @@ def response_nll(
     for start in range(0, len(input_ids), batch_size):
         ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
         lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
-        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        # Prompt tuning returns logits for its virtual tokens too; they come first.
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :].float()
         shifted = lab[:, 1:]
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -12,10 +12,14 @@ from llmtune.artifacts import check_run_dir_free, open_run, staged_dir
 from llmtune.data import encode, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
+from llmtune.methods import UNMERGEABLE_METHODS
 from llmtune.models import load_tuned
 
 # Probe prompts used when a run has no held-out data to probe with.
 _FALLBACK_PROBES = ["The quick brown fox jumps over the lazy dog.", "Hello! How are you today?"]
+
+
+_DESCRIBED = {"prefix": "prefix tuning", "prompt": "prompt tuning", "p-tuning": "p-tuning"}
 
 
 @dataclass
@@ -30,9 +34,16 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
     from transformers import AutoModelForCausalLM
 
     run = open_run(run_path)
+    method = run.recipe().method.name
+    if method in UNMERGEABLE_METHODS:
+        raise LLMTuneError(
+            f"{run_path}: {_DESCRIBED[method]} learns virtual tokens fed in front of every input, not a change to "
+            f"any weight, so there is nothing to merge; serve the run directory itself: llmtune generate "
+            f"{run_path} '...' / llmtune eval {run_path} (or peft's PeftModel.from_pretrained on {run.adapter})"
+        )
     if not run.adapter.is_dir():
         raise LLMTuneError(
-            f"{run_path}: method {run.recipe().method.name!r} trained the weights themselves; "
+            f"{run_path}: method {method!r} trained the weights themselves; "
             f"{run.model} is already a standalone model, no merge needed"
         )
     out = out.expanduser().resolve()
@@ -41,9 +52,15 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
     probes = _probe_batch(run, tokenizer)
 
     with torch.no_grad():
-        tuned = _logits(model, probes)
         with model.disable_adapter():
             base = _logits(model, probes)
+        if method == "qlora":
+            # Merging into 4/8-bit layers would quantize the sum again; merge into the dequantized base instead.
+            # The check below is then against the dequantized base + adapter, which the merge must reproduce;
+            # the 4-bit kernels themselves round differently, and that difference is reported, not checked.
+            quantized = _logits(model, probes)
+            model, _ = load_tuned(run_path, dequantize=True)
+        tuned = _logits(model, probes)
         merged = model.merge_and_unload()
         merged_logits = _logits(merged, probes)
     diff = (merged_logits - tuned).abs().max().item()
@@ -62,7 +79,14 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
         with torch.no_grad():
             reload_diff = (_logits(reloaded, probes) - merged_logits).abs().max().item()
         if not reload_diff <= tolerance:
-            raise LLMTuneError(f"merge check failed: reloaded merged model differs by {reload_diff:.3g}; nothing written")
+            raise LLMTuneError(
+                f"merge check failed: reloaded merged model differs by {reload_diff:.3g}; nothing written"
+            )
+    if method == "qlora":
+        print(
+            f"qlora: base dequantized to {merged.dtype} and merged; saved in {merged.dtype}. Max |logit diff| "
+            f"against the 4-bit model: {(merged_logits - quantized).abs().max().item():.3g} (4-bit kernel rounding)"
+        )
     return MergeResult(out=out, max_abs_diff=diff, reload_max_abs_diff=reload_diff, base_max_abs_diff=base_diff)
 
 

@@ -1,19 +1,46 @@
-"""The tuning-method registry: recipe `method.name` -> builder(spec, model) -> model ready to train."""
+"""The tuning-method registry: recipe `method.name` -> builder(spec, model, tokenizer) -> model ready to train.
+
+peft methods return a PeftModel whose run directory holds only the adapter. The others (full, bitfit,
+head, layers) choose which of the model's own parameters train, and the run saves the whole model.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import math
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from llmtune.errors import LLMTuneError, first_line
-from llmtune.recipe import FullSpec, LoraSpec
+from llmtune.recipe import (
+    BitFitSpec,
+    DoraSpec,
+    FullSpec,
+    HeadSpec,
+    IA3Spec,
+    LayersSpec,
+    LoraSpec,
+    PrefixSpec,
+    PromptSpec,
+    PTuningSpec,
+    QLoraSpec,
+)
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Biased models users can reach for when BitFit refuses a bias-free one.
+MODELS_WITH_BIASES = "GPT-2, OPT, BLOOM, Pythia/GPT-NeoX, BERT, Qwen2/2.5 (q/k/v biases)"
 
 
-def build_lora(spec: LoraSpec, model: PreTrainedModel) -> PreTrainedModel:
-    from peft import LoraConfig, get_peft_model
+def build_lora(spec: LoraSpec | DoraSpec | QLoraSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    from peft import LoraConfig
 
+    if isinstance(spec, QLoraSpec):
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and enables input grads: what k-bit training needs to be stable.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -21,25 +48,182 @@ def build_lora(spec: LoraSpec, model: PreTrainedModel) -> PreTrainedModel:
         target_modules=spec.target_modules,
         modules_to_save=spec.modules_to_save or None,
         bias=spec.bias,
+        use_rslora=spec.use_rslora,
+        use_dora=isinstance(spec, DoraSpec),
+        init_lora_weights=True if spec.init == "default" else spec.init,
         task_type="CAUSAL_LM",
     )
+    return _peft(model, config)
+
+
+def build_ia3(spec: IA3Spec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    from peft import IA3Config
+
+    config = IA3Config(
+        target_modules=spec.target_modules,
+        feedforward_modules=spec.feedforward_modules,
+        task_type="CAUSAL_LM",
+    )
+    return _peft(model, config)
+
+
+def build_prefix(spec: PrefixSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    from peft import PrefixTuningConfig
+
+    config = PrefixTuningConfig(
+        num_virtual_tokens=spec.num_virtual_tokens,
+        prefix_projection=spec.projection,
+        encoder_hidden_size=spec.projection_hidden_size,
+        task_type="CAUSAL_LM",
+    )
+    return _peft(model, config)
+
+
+def build_prompt(spec: PromptSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    import torch
+    from peft import PromptTuningConfig
+
+    init_ids = None
+    if spec.init == "text":
+        init_ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"]
+        if len(init_ids) > spec.num_virtual_tokens:
+            raise LLMTuneError(
+                f"method.init_text is {len(init_ids)} tokens but method.num_virtual_tokens is "
+                f"{spec.num_virtual_tokens}; shorten the text or raise num_virtual_tokens"
+            )
+    peft_model = _peft(model, PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type="CAUSAL_LM"))
+    if init_ids:
+        # peft's own text init reloads the tokenizer by hub name; this works for any tokenizer we loaded.
+        # The text is repeated to fill every virtual token, as peft does.
+        ids = (init_ids * math.ceil(spec.num_virtual_tokens / len(init_ids)))[: spec.num_virtual_tokens]
+        with torch.no_grad():
+            vectors = model.get_input_embeddings()(torch.tensor(ids)).detach().clone()
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(vectors)
+    return peft_model
+
+
+def build_ptuning(spec: PTuningSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    from peft import PromptEncoderConfig
+
+    config = PromptEncoderConfig(
+        num_virtual_tokens=spec.num_virtual_tokens,
+        encoder_reparameterization_type=spec.encoder.upper(),
+        encoder_hidden_size=spec.encoder_hidden_size,
+        task_type="CAUSAL_LM",
+    )
+    return _peft(model, config)
+
+
+def _peft(model: PreTrainedModel, config) -> PreTrainedModel:
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, config)
-    except ValueError as e:
-        # peft names the missing modules; the user needs to know which recipe key to change.
-        raise LLMTuneError(f"method.target_modules / modules_to_save: {first_line(e)}") from None
+    except (ValueError, KeyError) as e:
+        message = first_line(e)
+        if "not found in the base model" in message or "Target modules" in message:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+            message = f"{message}; linear modules in this model: {', '.join(names)}"
+        raise LLMTuneError(f"method: {message}") from None
 
 
-def build_full(spec: FullSpec, model: PreTrainedModel) -> PreTrainedModel:
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")
+
+
+# --- methods that train a subset of the model's own parameters -----------------------------------
+
+
+def build_full(spec: FullSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    return _train_only(model, lambda name: True)
+
+
+def build_bitfit(spec: BitFitSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    if not any(name.endswith(".bias") for name, _ in model.named_parameters()):
+        raise LLMTuneError(
+            f"method bitfit: {type(model).__name__} has no bias parameters to train; "
+            f"use a model with biases ({MODELS_WITH_BIASES}) or another method"
+        )
+    return _train_only(model, lambda name: name.endswith(".bias"))
+
+
+def build_head(spec: HeadSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise LLMTuneError(f"method head: {type(model).__name__} has no output head")
+    embeddings = model.get_input_embeddings()
+    if head.weight is embeddings.weight:
+        if spec.tied == "shared":
+            print("method head: lm_head is tied to the input embeddings; training the shared matrix (both change)")
+        else:
+            # Give the head its own copy so the input embeddings stay as pretrained.
+            import torch
+
+            head.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
+            print("method head: lm_head was tied to the input embeddings; untied it and training the head only")
+    head_params = {id(p) for p in head.parameters()}
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in head_params)
+    return model
+
+
+def build_layers(spec: LayersSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+    chosen: list[str] = []
+    if spec.last_k is not None or spec.pattern is None:
+        prefix, n_blocks = _blocks(model)
+        k = spec.last_k or 1
+        if k > n_blocks:
+            raise LLMTuneError(f"method.last_k is {k} but the model has {n_blocks} blocks")
+        chosen.append(rf"^{re.escape(prefix)}\.({'|'.join(str(i) for i in range(n_blocks - k, n_blocks))})\.")
+    if spec.pattern is not None:
+        chosen.append(spec.pattern)
+    regex = re.compile("|".join(f"(?:{c})" for c in chosen))
+    model = _train_only(model, lambda name: regex.search(name) is not None)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LLMTuneError(f"method.pattern {spec.pattern!r} matches no parameter name (e.g. {_example_name(model)})")
+    return model
+
+
+def _blocks(model: PreTrainedModel) -> tuple[str, int]:
+    """Name and length of the model's stack of transformer blocks: the longest ModuleList."""
+    import torch
+
+    lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise LLMTuneError(f"method layers: no block list found in {type(model).__name__}; use method.pattern")
+    return max(lists, key=lambda item: item[1])
+
+
+def _example_name(model: PreTrainedModel) -> str:
+    return next(name for name, _ in model.named_parameters())
+
+
+def _train_only(model: PreTrainedModel, wanted: Callable[[str], bool]) -> PreTrainedModel:
+    for name, p in model.named_parameters():
+        p.requires_grad_(wanted(name))
     return model
 
 
 METHODS: dict[str, Callable] = {
     "lora": build_lora,
+    "qlora": build_lora,
+    "dora": build_lora,
+    "ia3": build_ia3,
+    "prefix": build_prefix,
+    "prompt": build_prompt,
+    "p-tuning": build_ptuning,
+    "bitfit": build_bitfit,
+    "head": build_head,
+    "layers": build_layers,
     "full": build_full,
 }
 
-# Methods whose run directory holds an adapter over an unchanged base (the rest save a whole model).
-ADAPTER_METHODS = frozenset({"lora"})
+# Methods whose run directory holds a peft adapter over an unchanged base (the rest save a whole model).
+ADAPTER_METHODS = frozenset({"lora", "qlora", "dora", "ia3", "prefix", "prompt", "p-tuning"})
+# Adapters that are extra tokens, not weight deltas: nothing to fold into the weights.
+UNMERGEABLE_METHODS = frozenset({"prefix", "prompt", "p-tuning"})

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from llmtune.recipe import QLoraSpec
+
 ALTERNATIVES = "use a local checkpoint directory, builtin:smollm2-135m-instruct or tiny:llama"
 
 
@@ -75,15 +77,47 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(ref: str, dtype: str = "float32") -> PreTrainedModel:
+def load_model(ref: str, dtype: str = "float32", quantization: QLoraSpec | None = None) -> PreTrainedModel:
+    """Load a model in `dtype`; with `quantization` (a qlora method spec) its linear layers are 4- or 8-bit."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
+    kwargs = {"dtype": torch_dtype}
+    if quantization is not None:
+        torch_dtype = getattr(torch, quantization.compute_dtype)
+        kwargs = {"dtype": torch_dtype, "quantization_config": _bnb_config(quantization)}
     if ref.startswith("tiny:"):
-        return _tiny(ref).model().to(torch_dtype)
+        model = _tiny(ref).model().to(torch_dtype)
+        if quantization is None:
+            return model
+        # bitsandbytes quantizes while loading weights, so give the in-process model a checkpoint to load from.
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            return _from_hub_or_disk(_causal_lm_loader(), tmp, ref, **kwargs)
+    return _from_hub_or_disk(_causal_lm_loader(), resolve_checkpoint(ref), ref, **kwargs)
+
+
+def _causal_lm_loader():
     from transformers import AutoModelForCausalLM
 
-    return _from_hub_or_disk(AutoModelForCausalLM.from_pretrained, resolve_checkpoint(ref), ref, dtype=torch_dtype)
+    return AutoModelForCausalLM.from_pretrained
+
+
+def _bnb_config(spec: QLoraSpec):
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LLMTuneError("method qlora needs bitsandbytes for the quantized base; run: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if spec.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quant_type,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype),
+    )
 
 
 def _from_hub_or_disk(loader, checkpoint: str, ref: str, **kwargs):
@@ -199,22 +233,10 @@ class _Tiny:
 
     def model(self) -> PreTrainedModel:
         import torch
-        from transformers import AutoModelForCausalLM, LlamaConfig
+        from transformers import AutoModelForCausalLM
 
         tok = self.tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
-        )
+        config = _TINY_CONFIGS[self.arch](len(tok), tok)
         # The same weights on every call: a run directory stores only the adapter, and eval rebuilds the base.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -224,7 +246,43 @@ class _Tiny:
         return model
 
 
-TINY_ARCHS = ("llama",)
+def _tiny_llama_config(vocab_size: int, tok):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_gpt2_config(vocab_size: int, tok):
+    """GPT-2 has biases everywhere and ties its head to the input embeddings: the BitFit and head cases."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+_TINY_CONFIGS = {"llama": _tiny_llama_config, "gpt2": _tiny_gpt2_config}
+TINY_ARCHS = tuple(_TINY_CONFIGS)
 
 
 def _tiny(ref: str) -> _Tiny:
@@ -240,8 +298,13 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def load_tuned(run_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The tuned model and the tokenizer saved in a completed run directory."""
+def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The tuned model and the tokenizer saved in a completed run directory.
+
+    Args:
+        dequantize: for a QLoRA run, turn the quantized base back into plain weights in the compute dtype
+            before attaching the adapter, so the adapter can be merged without quantizing again.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmtune.artifacts import open_run
@@ -252,7 +315,10 @@ def load_tuned(run_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     if run.adapter.is_dir():
         from peft import PeftModel
 
-        base = load_model(recipe.model, recipe.training.dtype)
+        quantization = recipe.method if recipe.method.name == "qlora" else None
+        base = load_model(recipe.model, recipe.training.dtype, quantization)
+        if quantization is not None and dequantize:
+            base = base.dequantize()
         return PeftModel.from_pretrained(base, run.adapter), tokenizer
     import torch
 

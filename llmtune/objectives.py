@@ -5,8 +5,9 @@ This is the only module that imports trl, so TRL's moving API stays in one file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from llmtune.recipe import Recipe
 

@@ -7,6 +7,7 @@ with the file and key path instead of after a minute of model loading.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,10 +27,9 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LoraSpec(_Spec):
-    name: Literal["lora"]
+class _LoraOptions(_Spec):
     r: int = Field(8, gt=0, description="rank of the update; higher = more capacity, more memory")
-    alpha: float = Field(16.0, gt=0, description="scale of the update is alpha / r")
+    alpha: float = Field(16.0, gt=0, description="scale of the update is alpha / r (alpha / sqrt(r) with rsLoRA)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
@@ -38,13 +38,117 @@ class LoraSpec(_Spec):
         default_factory=list, description="modules trained in full and saved with the adapter, e.g. lm_head"
     )
     bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = Field(False, description="rank-stabilized scaling alpha / sqrt(r): keeps high ranks stable")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="A/B init: default (B = 0), gaussian, pissa or olora (from the base weights' SVD / QR)"
+    )
+
+
+class LoraSpec(_LoraOptions):
+    name: Literal["lora"]
+
+
+class DoraSpec(_LoraOptions):
+    name: Literal["dora"]
+
+
+class QLoraSpec(_LoraOptions):
+    name: Literal["qlora"]
+    bits: Literal[4, 8] = Field(4, description="4-bit (NF4/FP4) or 8-bit (LLM.int8) frozen base")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantize the quantization constants too: ~0.4 bit/param saved")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the dequantized matmuls; bfloat16 on GPUs that have it"
+    )
+
+
+class IA3Spec(_Spec):
+    name: Literal["ia3"]
+    target_modules: list[str] | None = Field(
+        None, description="modules whose activations are rescaled; None = peft's default"
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="those of target_modules that are feed-forward (their input is rescaled)"
+    )
+
+
+class PrefixSpec(_Spec):
+    name: Literal["prefix"]
+    num_virtual_tokens: int = Field(20, gt=0, description="trained key/value positions prepended in every layer")
+    projection: bool = Field(False, description="produce prefixes through an MLP: more stable, more parameters")
+    projection_hidden_size: int = Field(128, gt=0, description="hidden size of that MLP")
+
+
+class PromptSpec(_Spec):
+    name: Literal["prompt"]
+    num_virtual_tokens: int = Field(20, gt=0, description="soft-prompt vectors prepended to the input embeddings")
+    init: Literal["random", "text"] = Field("random", description="'text' starts from init_text's embeddings")
+    init_text: str | None = Field(None, description="e.g. 'Convert the date to ISO format:'")
+
+    @model_validator(mode="after")
+    def _text_init(self) -> PromptSpec:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init: text needs init_text")
+        if self.init == "random" and self.init_text:
+            raise ValueError("init_text is only used with init: text")
+        return self
+
+
+class PTuningSpec(_Spec):
+    name: Literal["p-tuning"]
+    num_virtual_tokens: int = Field(20, gt=0)
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="network that produces the virtual tokens")
+    encoder_hidden_size: int = Field(128, gt=0)
+
+
+class BitFitSpec(_Spec):
+    name: Literal["bitfit"]
+
+
+class HeadSpec(_Spec):
+    name: Literal["head"]
+    tied: Literal["untie", "shared"] = Field(
+        "untie",
+        description="when lm_head shares the input embeddings: 'untie' trains a copy (embeddings unchanged), "
+        "'shared' trains the shared matrix",
+    )
+
+
+class LayersSpec(_Spec):
+    name: Literal["layers"]
+    last_k: int | None = Field(None, gt=0, description="train the last K transformer blocks (default 1)")
+    pattern: str | None = Field(None, description="regex over parameter names, e.g. 'layers\\.(0|1)\\.mlp'")
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> LayersSpec:
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern is not a valid regex: {e}") from None
+        return self
 
 
 class FullSpec(_Spec):
     name: Literal["full"]
 
 
-MethodSpec = Annotated[Union[LoraSpec, FullSpec], Field(discriminator="name")]
+MethodSpec = Annotated[
+    Union[
+        LoraSpec,
+        QLoraSpec,
+        DoraSpec,
+        IA3Spec,
+        PrefixSpec,
+        PromptSpec,
+        PTuningSpec,
+        BitFitSpec,
+        HeadSpec,
+        LayersSpec,
+        FullSpec,
+    ],
+    Field(discriminator="name"),
+]
 
 
 class SFTSpec(_Spec):
@@ -140,9 +244,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise LLMTuneError(f"{path}: not valid YAML{line}: {first_line(e)}") from None
     if not isinstance(raw, dict):
         raise LLMTuneError(f"{path}: a recipe must be a YAML mapping with keys model, method, data, ...")
+    texts = {}
     for item in overrides or []:
-        _apply_override(raw, item, path)
-    recipe = validate_recipe_dict(raw, source=str(path))
+        texts.update(_apply_override(raw, item, path))
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        # `--set output.dir=2024` parses as an int; where the schema wants text, use the text as typed.
+        retry = [err["loc"] for err in e.errors() if err["type"] == "string_type" and _user_path(err["loc"]) in texts]
+        for loc in retry:
+            _set_path(raw, _user_path(loc), texts[_user_path(loc)])
+        recipe = validate_recipe_dict(raw, source=str(path))
     return _resolve_paths(recipe, path.parent)
 
 
@@ -150,26 +262,43 @@ def validate_recipe_dict(raw: dict[str, Any], source: str) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise LLMTuneError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+        # A value that fits no member of a union fails once per member; one message per key is enough.
+        messages = {}
+        for err in e.errors():
+            messages.setdefault(tuple(_walk(err["loc"])[0]), _describe(err))
+        raise LLMTuneError(f"{source}: " + "; ".join(messages.values())) from None
 
 
-def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
+def _apply_override(raw: dict[str, Any], item: str, path: Path) -> dict[tuple[str, ...], str]:
+    """Set one `a.b=value` in the raw recipe; returns {key path: the value's text} for typing it later."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise LLMTuneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.max_steps=5")
-    parts = key.strip().split(".")
+    parts = tuple(key.strip().split("."))
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    _set_path(raw, parts, parsed, what=f"--set {item!r}", source=path)
+    return {parts: value}
+
+
+def _set_path(
+    raw: dict[str, Any], parts: tuple[str, ...], value: Any, what: str = "", source: Path | None = None
+) -> None:
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise LLMTuneError(f"--set {item!r}: {'.'.join(parts[: i + 1])} in {path} is not a mapping")
+            raise LLMTuneError(f"{what}: {'.'.join(parts[: i + 1])} in {source} is not a mapping")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = value
+
+
+def _user_path(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(_walk(loc)[0])
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
@@ -218,7 +347,9 @@ def _describe(err: dict[str, Any]) -> str:
         bad = loc[-1]
         aliases = {alias: key for alias, key in _ALIASES.items() if key in names}
         close = difflib.get_close_matches(bad, [*names, *aliases], n=1, cutoff=0.5)
-        hint = f"did you mean '{aliases.get(close[0], close[0])}'?" if close else f"valid keys: {', '.join(sorted(names))}"
+        hint = (
+            f"did you mean '{aliases.get(close[0], close[0])}'?" if close else f"valid keys: {', '.join(sorted(names))}"
+        )
         return f"{where}: unknown key; {hint}"
     if kind == "missing":
         return f"{where}: required key is missing"
@@ -241,6 +372,8 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
             models = [by_tag[part]]
             names = list(models[0].model_fields)
             continue
+        if "[" in part or part in ("str", "int", "float", "bool"):
+            continue  # pydantic names the union member it tried; the user wrote no such key
         shown.append(part)
         field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
         models = _models_in(field.annotation) if field is not None else []

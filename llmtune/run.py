@@ -39,8 +39,9 @@ def finetune(recipe_path: str | Path, overrides: list[str] | None = None, overwr
     _print_data_report(data.report, recipe.data.max_length)
 
     set_seed(recipe.training.seed)
-    model = load_model(recipe.model, recipe.training.dtype)
-    model = METHODS[recipe.method.name](recipe.method, model)
+    quantization = recipe.method if recipe.method.name == "qlora" else None
+    model = load_model(recipe.model, recipe.training.dtype, quantization)
+    model = METHODS[recipe.method.name](recipe.method, model, tokenizer)
     counts = parameter_counts(model)
     print(
         f"method {recipe.method.name}: training {counts['trainable']:,} of {counts['total']:,} parameters "
@@ -91,7 +92,9 @@ def _print_data_report(report: dict[str, Any], max_length: int) -> None:
         cut = ""
         if c["truncated"] or c["dropped"]:
             cut = f"; over max_length={max_length}: {c['truncated']} truncated, {c['dropped']} dropped"
-        print(f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens, {c['loss_tokens']:,} carry loss{cut}", flush=True)
+        print(
+            f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens, {c['loss_tokens']:,} carry loss{cut}", flush=True
+        )
 
 
 class _JsonlLogCallback(TrainerCallback):

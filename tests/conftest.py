@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from llmtune.errors import LLMTuneError
 
 
 def chat_rows(n: int) -> list[dict[str, Any]]:
@@ -31,6 +34,17 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def expect_error(*fragments: str):
+    """Expect an LLMTuneError whose message is one line containing every fragment."""
+    with pytest.raises(LLMTuneError) as info:
+        yield info
+    message = str(info.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
 
 
 @pytest.fixture

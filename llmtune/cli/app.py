@@ -41,6 +41,8 @@ def _quiet_libraries() -> None:
     warnings.simplefilter("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Weight loading/writing bars; the Trainer's own progress bar is separate and stays.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # bitsandbytes logs a missing optional CPU kernel at import; it falls back to its own, so say nothing.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

