@@ -150,6 +150,13 @@ def _umask() -> int:
     return mask
 
 
+def make_readable(directory: Path) -> None:
+    """Give a directory made by mkdtemp (0700) and its files the permissions plain mkdir/open would."""
+    mask = _umask()
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -165,7 +172,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())
+        make_readable(staging)
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

@@ -46,6 +46,8 @@ def evaluate(
         label = "tuned"
         out = out or path / artifacts.EVAL_FILE
     else:
+        if path.is_dir():
+            artifacts.open_run(path)  # says why this directory is not a run
         recipe = load_recipe(path, overrides)
         tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
         model = load_model(recipe.model, recipe.training.dtype)

@@ -123,8 +123,12 @@ def _peft(model: PreTrainedModel, config) -> PreTrainedModel:
         message = first_line(e)
         if "not found in the base model" in message or "Target modules" in message:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-            message = f"{message}; linear modules in this model: {', '.join(names)}"
-        raise LLMTuneError(f"method: {message}") from None
+            wanted = sorted(config.target_modules or [])
+            raise LLMTuneError(
+                f"method.target_modules: {', '.join(wanted)} not found in {type(model).__name__}; "
+                f"its linear modules are {', '.join(names)}"
+            ) from None
+        raise LLMTuneError(f"method {config.peft_type.value.lower()}: {message}") from None
 
 
 def _is_linear(module) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from llmtune.artifacts import make_readable
 from llmtune.errors import LLMTuneError, first_line
 
 if TYPE_CHECKING:
@@ -184,6 +185,7 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        make_readable(staging)
         try:
             staging.rename(target)
         except OSError:
@@ -309,7 +311,7 @@ def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedMode
 
     from llmtune.artifacts import open_run
 
-    run = open_run(run_path)
+    run = open_run(Path(run_path))
     recipe = run.recipe()
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
     if run.adapter.is_dir():

@@ -219,10 +219,15 @@ class Recipe(_Spec):
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @model_validator(mode="after")
-    def _check_data_format(self) -> Recipe:
+    def _check_combinations(self) -> Recipe:
         if self.data.format == "text" and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
+        if self.method.name == "prefix" and self.training.gradient_checkpointing:
+            raise ValueError(
+                "training.gradient_checkpointing: prefix tuning feeds its prefixes through the key/value cache, "
+                "which gradient checkpointing switches off; set it to false"
+            )
         return self
 
 
@@ -350,6 +355,9 @@ def _describe(err: dict[str, Any]) -> str:
         hint = (
             f"did you mean '{aliases.get(close[0], close[0])}'?" if close else f"valid keys: {', '.join(sorted(names))}"
         )
+        owners = _union_members_with(loc[0], bad) if len(loc) == 2 else []
+        if owners and not close:
+            hint = f"'{bad}' is an option of {', '.join(owners)}, not {loc[0]} {_name_at(loc[0], err)}; {hint}"
         return f"{where}: unknown key; {hint}"
     if kind == "missing":
         return f"{where}: required key is missing"
@@ -357,7 +365,22 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{where}.name: unknown name {err['ctx']['tag']!r}; expected one of {err['ctx']['expected_tags']}"
     if kind == "union_tag_not_found":
         return f"{where}: needs a 'name' key, e.g. {{name: ...}}"
+    if kind == "value_error":
+        message = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if loc else message
     return f"{where}: {err['msg']} (got {_short(err.get('input'))})"
+
+
+def _union_members_with(section: str, key: str) -> list[str]:
+    """Names of the method (or objective) kinds that do accept `key`, for a key given to the wrong kind."""
+    field = Recipe.model_fields.get(section)
+    members = _models_in(field.annotation) if field is not None else []
+    return [m.model_fields["name"].annotation.__args__[0] for m in members if key in m.model_fields]
+
+
+def _name_at(section: str, err: dict[str, Any]) -> str:
+    tag = err["loc"][1] if len(err["loc"]) > 2 else ""
+    return repr(tag)
 
 
 def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, set_seed
-
 from llmtune import artifacts
 from llmtune.artifacts import RunDir
 from llmtune.data import prepare_data
@@ -38,6 +36,8 @@ def finetune(recipe_path: str | Path, overrides: list[str] | None = None, overwr
     data = prepare_data(recipe, tokenizer)
     _print_data_report(data.report, recipe.data.max_length)
 
+    from transformers import set_seed
+
     set_seed(recipe.training.seed)
     quantization = recipe.method if recipe.method.name == "qlora" else None
     model = load_model(recipe.model, recipe.training.dtype, quantization)
@@ -51,7 +51,7 @@ def finetune(recipe_path: str | Path, overrides: list[str] | None = None, overwr
 
     run = artifacts.create_run_dir(out, recipe, overwrite)
     trainer = OBJECTIVES[recipe.objective.name](
-        recipe, model, tokenizer, data, run.path, callbacks=[_JsonlLogCallback(run.file(artifacts.TRAINER_LOG_FILE))]
+        recipe, model, tokenizer, data, run.path, callbacks=[_jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE))]
     )
     started = time.time()
     try:
@@ -97,13 +97,14 @@ def _print_data_report(report: dict[str, Any], max_length: int) -> None:
         )
 
 
-class _JsonlLogCallback(TrainerCallback):
-    """Append every Trainer log entry to the run's trainer_log.jsonl as it happens."""
+def _jsonl_log_callback(path: Path):
+    """A Trainer callback appending every log entry to the run's trainer_log.jsonl as it happens."""
+    from transformers import TrainerCallback
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+    return JsonlLog()
