@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -39,21 +40,33 @@ EVAL_FILE = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 
 
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "COMPLETE"
+
+
 @dataclass(frozen=True)
 class RunDir:
+    """A run directory, or one of its checkpoints (which hold weights and tokenizer at their top level)."""
+
     path: Path
 
     @property
+    def is_checkpoint(self) -> bool:
+        return (self.path / COMPLETE_MARKER).is_file()
+
+    @property
     def adapter(self) -> Path:
+        if self.is_checkpoint and (self.path / "adapter_config.json").is_file():
+            return self.path
         return self.path / ADAPTER_DIR
 
     @property
     def model(self) -> Path:
-        return self.path / MODEL_DIR
+        return self.path if self.is_checkpoint else self.path / MODEL_DIR
 
     @property
     def tokenizer(self) -> Path:
-        return self.path / TOKENIZER_DIR
+        return self.path if self.is_checkpoint else self.path / TOKENIZER_DIR
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -66,6 +79,16 @@ class RunDir:
             return json.loads((self.path / MANIFEST_FILE).read_text())
         except (OSError, json.JSONDecodeError):
             return {}
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    found = []
+    for path in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -83,7 +106,7 @@ def check_run_dir_free(path: Path, overwrite: bool) -> bool:
     return occupied
 
 
-def create_run_dir(path: Path, recipe: Recipe, overwrite: bool) -> RunDir:
+def create_run_dir(path: Path, recipe: Recipe, overwrite: bool, **facts: Any) -> RunDir:
     """Make an empty run directory holding the resolved recipe and a 'running' manifest."""
     if check_run_dir_free(path, overwrite):
         if path.is_dir():
@@ -93,13 +116,14 @@ def create_run_dir(path: Path, recipe: Recipe, overwrite: bool) -> RunDir:
     path.mkdir(parents=True, exist_ok=True)
     write_text(path / RECIPE_FILE, dump_recipe(recipe))
     run = RunDir(path)
-    write_json(path / MANIFEST_FILE, {"status": "running", "started": _now(), "versions": library_versions()})
+    manifest = {"status": "running", "started": now(), "versions": library_versions(), **facts}
+    write_json(path / MANIFEST_FILE, manifest)
     return run
 
 
-def finish_run(run: RunDir, status: str, **extra: Any) -> None:
+def update_manifest(run: RunDir, **fields: Any) -> None:
     manifest = run.manifest()
-    manifest.update(status=status, finished=_now(), **extra)
+    manifest.update(fields)
     write_json(run.file(MANIFEST_FILE), manifest)
 
 
@@ -108,10 +132,14 @@ def open_run(path: Path) -> RunDir:
     if not is_run_dir(path):
         raise LLMTuneError(f"{path}: not a run directory (no {RECIPE_FILE}); give a run directory or a recipe")
     run = RunDir(path)
+    if run.is_checkpoint:
+        return run
     status = run.manifest().get("status")
     if status != "completed":
+        checkpoints = complete_checkpoints(path)
+        hint = f"; or point at a checkpoint, e.g. {checkpoints[-1]}" if checkpoints else ""
         raise LLMTuneError(
-            f"{path}: the run did not complete (status: {status or 'unknown'}); run finetune again with --overwrite"
+            f"{path}: the run did not complete (status: {status or 'unknown'}); resume it with finetune --resume{hint}"
         )
     return run
 
@@ -126,7 +154,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _now() -> str:
+def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 

@@ -7,7 +7,9 @@ response (assistant turns, completion) is -100 and the EOS that ends each respon
 
 from __future__ import annotations
 
+import array
 import csv
+import hashlib
 import json
 import math
 import random
@@ -62,6 +64,16 @@ class PreparedData:
     eval: Dataset | None
     eval_samples: list[Sample]
     report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the token ids and labels trained and evaluated on: changes with data, template, tokenizer."""
+        digest = hashlib.sha256()
+        for dataset in (self.train, self.eval):
+            for column in ("input_ids", "labels"):
+                for row in dataset[column] if dataset is not None else []:
+                    digest.update(array.array("q", row).tobytes())
+        return digest.hexdigest()
 
 
 # --- loading ---------------------------------------------------------------------------------------

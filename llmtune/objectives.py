@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmtune.recipe import Recipe
+from llmtune.training import guarded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
@@ -50,13 +51,15 @@ def build_sft(
         fp16=False,
         # data.py has tokenized, masked and length-limited every row; TRL must not truncate again.
         max_length=None,
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=None,  # training.py rotates checkpoints itself, after each is complete
         eval_strategy="no",
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
-    return SFTTrainer(
+    return guarded(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=data.train,

@@ -190,6 +190,10 @@ class TrainingSpec(_Spec):
     logging_steps: int = Field(5, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
     gradient_checkpointing: bool = False
+    save_steps: int | None = Field(
+        50, gt=0, description="checkpoint every N optimizer steps (and at the end); null: only at the end"
+    )
+    keep_checkpoints: int | None = Field(2, gt=0, description="newest checkpoints kept on disk; null: all")
 
 
 METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")

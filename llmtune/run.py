@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmtune import artifacts
-from llmtune.artifacts import RunDir
+from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, complete_checkpoints
 from llmtune.data import prepare_data
 from llmtune.errors import LLMTuneError
 from llmtune.methods import ADAPTER_METHODS, METHODS
 from llmtune.models import load_model, load_tokenizer, parameter_counts
 from llmtune.objectives import OBJECTIVES
-from llmtune.recipe import OutputSpec, Recipe, load_recipe
+from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
+from llmtune.training import (
+    SaveAtEndCallback,
+    StopOnSignalCallback,
+    StopRequested,
+    check_finite,
+)
 
 
 @dataclass
@@ -25,12 +31,25 @@ class FinetuneResult:
     metrics: dict[str, Any]
 
 
-def finetune(recipe_path: str | Path, overrides: list[str] | None = None, overwrite: bool = False) -> FinetuneResult:
+def finetune(
+    recipe_path: str | Path,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    resume: bool | Path = False,
+) -> FinetuneResult:
+    """Train as the recipe says and write the run directory.
+
+    Args:
+        resume: True to continue the run in the recipe's output directory from its last complete
+            checkpoint, or the path of a specific checkpoint.
+    """
     recipe = load_recipe(recipe_path, overrides)
     out = Path(recipe.output.dir or Path("runs") / Path(recipe_path).stem).expanduser().resolve()
     recipe = recipe.model_copy(update={"output": OutputSpec(dir=str(out))})
-    # Refuse an occupied run directory before any slow step, and write nothing until data and model are ready.
-    artifacts.check_run_dir_free(out, overwrite)
+    # Check the run directory before any slow step, and write nothing until data and model are ready.
+    checkpoint = _checkpoint_to_resume(out, recipe, resume) if resume else None
+    if checkpoint is None:
+        artifacts.check_run_dir_free(out, overwrite)
 
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
     data = prepare_data(recipe, tokenizer)
@@ -49,17 +68,34 @@ def finetune(recipe_path: str | Path, overrides: list[str] | None = None, overwr
         flush=True,
     )
 
-    run = artifacts.create_run_dir(out, recipe, overwrite)
+    facts = {"recipe_sha256": recipe_hash(recipe), "data_fingerprint": data.fingerprint}
+    if checkpoint is None:
+        run = artifacts.create_run_dir(out, recipe, overwrite, **facts)
+    else:
+        run = RunDir(out)
+        artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
+        _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
+    stop = StopOnSignalCallback()
     trainer = OBJECTIVES[recipe.objective.name](
-        recipe, model, tokenizer, data, run.path, callbacks=[_jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE))]
+        recipe,
+        model,
+        tokenizer,
+        data,
+        run.path,
+        callbacks=[_jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE)), SaveAtEndCallback(), stop],
     )
+    trainer.llmtune_keep_checkpoints = recipe.training.keep_checkpoints
+    trainer.llmtune_recipe_file = run.file(artifacts.RECIPE_FILE)
     started = time.time()
+    stop.install()
     try:
-        train_output = trainer.train()
-        if not math.isfinite(train_output.training_loss):
-            raise LLMTuneError(
-                f"training loss is {train_output.training_loss}; lower training.learning_rate or check the data"
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stop.requested:
+            raise StopRequested(
+                f"{stop.requested}: stopped after step {trainer.state.global_step} with a checkpoint in {run.path}; "
+                f"resume with: llmtune finetune {recipe_path} --resume"
             )
+        check_finite(train_output.training_loss, "the mean training loss")
         metrics: dict[str, Any] = {
             "train_loss": train_output.training_loss,
             "steps": train_output.global_step,
@@ -74,10 +110,57 @@ def finetune(recipe_path: str | Path, overrides: list[str] | None = None, overwr
             tokenizer.save_pretrained(staging)
         artifacts.write_json(run.file(artifacts.METRICS_FILE), metrics)
     except BaseException as e:
-        artifacts.finish_run(run, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        interrupted = isinstance(e, (KeyboardInterrupt, StopRequested))
+        artifacts.update_manifest(run, status="interrupted" if interrupted else "failed", finished=artifacts.now())
         raise
-    artifacts.finish_run(run, "completed")
+    finally:
+        stop.uninstall()
+    artifacts.update_manifest(run, status="completed", finished=artifacts.now())
     return FinetuneResult(run=run, metrics=metrics)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()
+
+
+def _checkpoint_to_resume(out: Path, recipe: Recipe, resume: bool | Path) -> Path:
+    if not artifacts.is_run_dir(out):
+        raise LLMTuneError(f"{out}: no run to resume (no {artifacts.RECIPE_FILE}); start it without --resume")
+    saved = RunDir(out).recipe()
+    changed = _changed_keys(saved.model_dump(mode="json"), recipe.model_dump(mode="json"))
+    if changed:
+        raise LLMTuneError(
+            f"{out}: the recipe changed since the run started ({', '.join(changed[:5])}); resume needs the same "
+            "recipe and overrides, or start a new run with --overwrite"
+        )
+    if isinstance(resume, Path):
+        checkpoint = resume.expanduser().resolve()
+        if not (checkpoint / COMPLETE_MARKER).is_file():
+            raise LLMTuneError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+        return checkpoint
+    found = complete_checkpoints(out)
+    if not found:
+        raise LLMTuneError(f"{out}: no complete checkpoint to resume from; start again with --overwrite")
+    return found[-1]
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint, so the resumed run's curve continues without repeats."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    artifacts.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _save_weights(run: RunDir, model: Any, recipe: Recipe) -> None:

@@ -150,7 +150,7 @@ def eval_not_a_run(tmp_path, make_recipe):
 
 def eval_failed_run(tmp_path, make_recipe):
     run = fake_run_dir(tmp_path, make_recipe(), status="failed")
-    return Case(["eval", str(run)], [str(run), "status: failed", "--overwrite"])
+    return Case(["eval", str(run)], [str(run), "status: failed", "--resume"])
 
 
 def merge_failed_run(tmp_path, make_recipe):

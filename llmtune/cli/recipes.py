@@ -1,0 +1,393 @@
+"""`llmtune recipes list|show|copy|schema` and `llmtune init`: find a recipe to start from, or write a new one.
+
+The recipes are the repository's `recipes/` directory, or the directory the LLMTUNE_RECIPES variable names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from llmtune.errors import LLMTuneError, first_line
+
+RECIPES_ENV = "LLMTUNE_RECIPES"
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+# Usual first learning rates. Methods that train a few new parameters from scratch (soft prompts, IA3 scales)
+# need large steps; methods that move pretrained weights need small ones. The rest use the schema's default.
+LEARNING_RATES = {
+    "full": 2e-5,
+    "layers": 1e-4,
+    "head": 1e-4,
+    "bitfit": 1e-3,
+    "p-tuning": 1e-3,
+    "ia3": 1e-2,
+    "prefix": 1e-2,
+    "prompt": 3e-2,
+}
+
+app = typer.Typer(
+    name="recipes",
+    help="List, show and copy the shipped recipes; print the recipe JSON schema.\n\n"
+    "Example: llmtune recipes copy quickstart my_recipe.yaml",
+    no_args_is_help=True,
+)
+
+OverwriteFile = Annotated[bool, typer.Option("--overwrite", help="Replace the output file if it exists.")]
+
+
+def recipes_dir() -> Path:
+    override = os.environ.get(RECIPES_ENV)
+    if override:
+        return Path(override).expanduser()
+    import llmtune
+
+    return Path(llmtune.__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_files() -> dict[str, Path]:
+    directory = recipes_dir()
+    if not directory.is_dir():
+        raise LLMTuneError(f"{directory}: recipes directory not found; set {RECIPES_ENV} to a directory of recipes")
+    return {p.stem: p for p in sorted(directory.iterdir()) if p.suffix in (".yaml", ".yml") and p.is_file()}
+
+
+def find_recipe(name: str) -> Path:
+    files = recipe_files()
+    path = files.get(Path(name).stem if name.endswith((".yaml", ".yml")) else name)
+    if path is None:
+        raise LLMTuneError(f"recipe {name!r} not found in {recipes_dir()}; available: {', '.join(files)}")
+    return path
+
+
+def description(text: str) -> str:
+    """The first sentence of a recipe's opening comment, joined across the lines it wraps over."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        lines.append(line.lstrip("#").strip())
+    paragraph = " ".join(lines)
+    sentence = re.match(r"(.+?\.)(\s|$)", paragraph)
+    return sentence.group(1) if sentence else paragraph
+
+
+@app.command("list")
+def list_recipes() -> None:
+    """List the recipes: name, method, objective, model and what each one does.
+
+    Example: llmtune recipes list
+    """
+    import yaml
+
+    from llmtune.recipe import validate_recipe_dict
+
+    table = [("NAME", "METHOD", "OBJECTIVE", "MODEL", "DESCRIPTION")]
+    for name, path in recipe_files().items():
+        text = path.read_text(encoding="utf-8")
+        try:
+            recipe = validate_recipe_dict(yaml.safe_load(text), source=path.name)
+        except (yaml.YAMLError, LLMTuneError) as e:
+            # One broken recipe should not hide the others.
+            table.append((name, "?", "?", "?", f"invalid: {first_line(e)}"))
+            continue
+        table.append((name, recipe.method.name, recipe.objective.name, recipe.model, description(text)))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        typer.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[4]]).rstrip())
+
+
+@app.command("show")
+def show(name: Annotated[str, typer.Argument(help="Recipe name, as `llmtune recipes list` shows it.")]) -> None:
+    """Print a recipe's YAML, comments included.
+
+    Example: llmtune recipes show quickstart
+    """
+    typer.echo(find_recipe(name).read_text(encoding="utf-8"), nl=False)
+
+
+@app.command("copy")
+def copy(
+    name: Annotated[str, typer.Argument(help="Recipe name, as `llmtune recipes list` shows it.")],
+    dest: Annotated[Path, typer.Argument(help="File to write, or a directory to write NAME.yaml into.")],
+    overwrite: OverwriteFile = False,
+) -> None:
+    """Copy a recipe to edit it; data paths relative to the recipe are rewritten so the copy finds the same data.
+
+    Example: llmtune recipes copy quickstart my_recipe.yaml
+    """
+    from llmtune.artifacts import write_text
+
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.suffix not in (".yaml", ".yml"):
+        # Most likely a directory that does not exist yet; a recipe without the suffix would be missed by tools.
+        raise LLMTuneError(f"{dest}: give a .yaml file name or an existing directory")
+    if target.exists() and not overwrite:
+        raise LLMTuneError(f"{target}: already exists; pass --overwrite to replace it")
+    text, rewritten = rebase_paths(source.read_text(encoding="utf-8"), source.parent, target.parent, source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text(target, text)
+    note = f"; rewrote {', '.join(rewritten)} to point at the recipe's data" if rewritten else ""
+    typer.echo(f"copied {source} to {target}{note}")
+
+
+def rebase_paths(text: str, source_dir: Path, dest_dir: Path, source: Path) -> tuple[str, list[str]]:
+    """Rewrite the local paths a recipe gives relative to its own directory so they hold from `dest_dir`.
+
+    The YAML is edited as text, not loaded and dumped again, so its comments survive. Returns the new
+    text and the key paths that changed.
+    """
+    import yaml
+
+    raw = yaml.safe_load(text)
+    raw = raw if isinstance(raw, dict) else {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    # The same references load_recipe resolves against the recipe's directory.
+    refs = {("model",): raw.get("model"), ("data", "train"): data.get("train"), ("data", "eval"): data.get("eval")}
+    rewritten = []
+    for keys, ref in refs.items():
+        if not isinstance(ref, str) or Path(ref).is_absolute() or not (source_dir / ref).exists():
+            continue
+        new = recipe_path(source_dir / ref, dest_dir)
+        if new != ref:
+            text = _replace_value(text, keys, ref, new, source)
+            rewritten.append(".".join(keys))
+    return text, rewritten
+
+
+def recipe_path(path: Path, recipe_dir: Path) -> str:
+    """How a recipe in `recipe_dir` should name `path`: relative when the two share a directory below the
+    filesystem root, so they can move together; absolute otherwise, rather than climbing ../../ to the root."""
+    path, recipe_dir = path.resolve(), recipe_dir.resolve()
+    common = Path(os.path.commonpath([path, recipe_dir]))
+    if common == Path(common.anchor):
+        return str(path)
+    return os.path.relpath(path, recipe_dir)
+
+
+def _replace_value(text: str, keys: tuple[str, ...], old: str, new: str, source: Path) -> str:
+    import yaml
+
+    pattern = re.compile(
+        rf"(?<![\w-])({re.escape(keys[-1])}:[ \t]*)(['\"]?){re.escape(old)}\2(?=[ \t]*([,}}#]|$))(?P<comment>[ \t]*#.*)?",
+        re.M,
+    )
+    for match in pattern.finditer(text):
+        quote = match.group(2)
+        # The author's comment on the line described the old path; say where it came from instead.
+        comment = f"  # was {old}, relative to {source.resolve().parent}" if match.group("comment") else ""
+        # Keep the author's quoting; a path that plain YAML would misread gets double quotes.
+        for value in (f"{quote}{new}{quote}", json.dumps(new)):
+            candidate = text[: match.start()] + match.group(1) + value + comment + text[match.end() :]
+            parsed: Any = yaml.safe_load(candidate)
+            for key in keys:
+                parsed = parsed.get(key) if isinstance(parsed, dict) else None
+            if parsed == new:
+                return candidate
+    raise LLMTuneError(f"{source}: cannot rewrite {'.'.join(keys)} in the copy; copy the file by hand and set it to {new}")
+
+
+@app.command("schema")
+def schema(
+    out: Annotated[Path | None, typer.Option("--out", help="Write the schema to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON schema of recipes, so editors can validate and complete recipe YAML.
+
+    With the YAML language server (VS Code, Neovim, ...), a recipe whose first line is
+    `# yaml-language-server: $schema=recipe.schema.json` is checked as you type.
+
+    Example: llmtune recipes schema --out recipe.schema.json
+    """
+    from llmtune.artifacts import write_text
+    from llmtune.recipe import Recipe
+
+    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Recipe.model_json_schema()}
+    text = json.dumps(document, indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text(out, text)
+        typer.echo(f"wrote {out}")
+
+
+def init(
+    model: Annotated[
+        str | None, typer.Option(help=f"Base model: hub id, local directory, builtin:NAME or tiny:ARCH. Default: {DEFAULT_MODEL}.")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Tuning method, e.g. lora, qlora, dora, ia3, prompt, full. Default: lora.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Training data: a .jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub name."),
+    ] = None,
+    data_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Data format: chat, instruction, prompt_completion or text. Default: guessed from a local file's columns.",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Recipe file to write. Default: recipe.yaml.")] = None,
+    overwrite: OverwriteFile = False,
+) -> None:
+    """Write a new recipe for a model, a tuning method and a data file; in a terminal, asks for what is missing.
+
+    Every key is written with its default and what it does, ready to edit.
+
+    Example: llmtune init --model builtin:smollm2-135m-instruct --method lora --data train.jsonl --out my.yaml
+    """
+    from llmtune.artifacts import write_text
+    from llmtune.data import FORMAT_COLUMNS, check_columns, load_rows
+    from llmtune.methods import METHODS
+    from llmtune.recipe import DataSpec, is_local_data_ref
+
+    ask = _interactive()
+
+    def check_method(name: str) -> str:
+        if name not in METHODS:
+            raise LLMTuneError(f"method {name!r}: unknown; choose one of {', '.join(METHODS)}")
+        return name
+
+    def check_data(ref: str) -> tuple[str, Any]:
+        path = Path(ref).expanduser()
+        if path.exists():
+            return str(path), load_rows(str(path))
+        if is_local_data_ref(ref):
+            raise LLMTuneError(f"{ref}: data file not found")
+        return ref, None  # a hub dataset name, fetched when training starts
+
+    model = _resolve("model", model, "Base model", DEFAULT_MODEL, ask, str)
+    method = _resolve("method", method, f"Method ({', '.join(METHODS)})", "lora", ask, check_method)
+    data, rows = _resolve("data", data, "Training data (file, directory or hub dataset)", None, ask, check_data)
+
+    def check_format(name: str) -> str:
+        if name not in FORMAT_COLUMNS:
+            raise LLMTuneError(f"format {name!r}: unknown; choose one of {', '.join(FORMAT_COLUMNS)}")
+        if rows is not None:
+            check_columns(rows, DataSpec(train=data, format=name), data)
+        return name
+
+    guessed = _guess_format(rows) if rows else None
+    data_format = _resolve(
+        "format", data_format, f"Data format ({', '.join(FORMAT_COLUMNS)})", guessed or "chat", ask, check_format
+    )
+
+    def check_out(value: str) -> Path:
+        path = Path(value).expanduser()
+        if path.exists() and not overwrite:
+            raise LLMTuneError(f"{path}: already exists; pass --overwrite to replace it")
+        return path
+
+    out = _resolve("out", str(out) if out else None, "Write the recipe to", "recipe.yaml", ask, check_out)
+
+    reference = recipe_path(Path(data), out.parent) if Path(data).exists() else data
+    text = render_recipe(model, method, reference, data_format, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, text)
+    typer.echo(f"wrote {out}: {method} on {model}, data {data} ({data_format})")
+    typer.echo(f"next: llmtune data preview {out}")
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+T = TypeVar("T")
+
+
+def _resolve(flag: str, given: str | None, question: str, default: str | None, ask: bool, check: Callable[[str], T]) -> T:
+    """The option's value if given; else, in a terminal, the answer to a prompt (asked until valid); else the default."""
+    if given is not None:
+        return check(given)
+    if not ask:
+        if default is None:
+            raise LLMTuneError(f"--{flag} is required (or run llmtune init in a terminal to be asked)")
+        return check(default)
+    while True:
+        try:
+            return check(typer.prompt(question, default=default))
+        except LLMTuneError as e:
+            typer.echo(f"  {e}", err=True)
+
+
+def _guess_format(rows: Any) -> str | None:
+    from llmtune.data import FORMAT_COLUMNS, OPTIONAL_COLUMNS
+
+    present = set(rows[0])
+    for name, columns in FORMAT_COLUMNS.items():
+        if all(c in present or c in OPTIONAL_COLUMNS for c in columns):
+            return name
+    return None
+
+
+def render_recipe(model: str, method: str, data: str, data_format: str, out: Path) -> str:
+    """A recipe with every key at its default and the schema's description of it as a trailing comment."""
+    from pydantic import BaseModel
+
+    from llmtune.recipe import validate_recipe_dict
+
+    run_dir = f"runs/{out.stem}"
+    raw = {
+        "model": model,
+        "method": {"name": method},
+        "data": {"train": data, "format": data_format},
+        "training": {"epochs": 1},
+        "output": {"dir": run_dir},
+    }
+    if method in LEARNING_RATES:
+        raw["training"]["learning_rate"] = LEARNING_RATES[method]
+    recipe = validate_recipe_dict(raw, source="llmtune init")
+    notes = {
+        "method.name": "see `llmtune recipes list` for worked examples of each method",
+        "training.learning_rate": f"a usual start for {method}",
+        "output.dir": "relative to where you run llmtune",
+    }
+    if (out.parent / data).exists() and not Path(data).is_absolute():
+        notes["data.train"] = "relative to this file"
+    header = [
+        f"{method} fine-tuning of {model} on {data} ({data_format} format). Written by `llmtune init`.",
+        "",
+        f"  llmtune data preview {out}",
+        f"  llmtune finetune {out}",
+        f"  llmtune eval {run_dir} --compare-base",
+        "",
+        "Every key is set to its default; `llmtune recipes schema` describes them all.",
+    ]
+    lines = [f"# {line}".rstrip() for line in header] + [""]
+    dumped = recipe.model_dump(mode="json")
+    for key, field in type(recipe).model_fields.items():
+        value = getattr(recipe, key)
+        if isinstance(value, BaseModel):
+            lines.append(f"{key}:")
+            # The discriminator first: it says which of the keys below exist.
+            for sub, sub_field in sorted(type(value).model_fields.items(), key=lambda item: item[0] != "name"):
+                lines.append(_key_line(f"  {sub}", dumped[key][sub], sub_field, notes.get(f"{key}.{sub}")))
+        else:
+            lines.append(_key_line(key, dumped[key], field, notes.get(key)))
+    return "\n".join(lines) + "\n"
+
+
+def _key_line(key: str, value: Any, field: Any, note: str | None) -> str:
+    import yaml
+
+    # A scalar dumps as a one-value document ending in '...'; the flow style keeps lists on one line.
+    dumped = yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+    text = f"{key}: {dumped}"
+    comment = note or field.description or _choices(field.annotation)
+    return f"{text:<32} # {comment}" if comment else text
+
+
+def _choices(annotation: Any) -> str | None:
+    """'a | b | c' for a Literal with several values, so a key without a description still says what it takes."""
+    if typing.get_origin(annotation) is typing.Literal and len(typing.get_args(annotation)) > 1:
+        return " | ".join(str(a) for a in typing.get_args(annotation))
+    return None

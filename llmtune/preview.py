@@ -1,0 +1,160 @@
+"""Training rows exactly as the model sees them, and the checks for data bugs that train without an error.
+
+Three such bugs give a model that looks trained but misbehaves: a row whose labels are all masked (it
+teaches nothing), an EOS that carries no loss (the model never learns to stop), and a chat template at
+inference that differs from the one used in training (prompts arrive in a format the model never saw).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmtune.artifacts import RECIPE_FILE, is_run_dir, open_run
+from llmtune.data import IGNORE_INDEX, encode_dataset, split_samples
+from llmtune.errors import LLMTuneError
+from llmtune.models import load_tokenizer
+from llmtune.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Tokens of left context decoded with each token: SentencePiece decoders drop a word's leading space at the
+# start of a text, so a token decoded alone would lose it.
+_CONTEXT = 8
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str  # this token's share of the decoded row; "" for all but the last token of a character split over tokens
+    loss: bool
+    eos: bool
+
+
+@dataclass(frozen=True)
+class DataPreview:
+    rows: list[list[Token]]  # the first training rows, after truncation and dropping
+    counts: dict[str, int]  # from encode_dataset: rows, tokens, loss_tokens, truncated, dropped
+    pad_tokens: int  # added when consecutive rows are batched and padded to the batch's longest row
+    batch_size: int
+    max_length: int
+
+    @property
+    def loss_fraction(self) -> float:
+        return self.counts["loss_tokens"] / self.counts["tokens"]
+
+    @property
+    def padding_waste(self) -> float:
+        return self.pad_tokens / (self.counts["tokens"] + self.pad_tokens)
+
+
+def preview_data(target: str | Path, n: int = 3, overrides: list[str] | None = None) -> DataPreview:
+    """Preview a recipe's training data; for a run directory, also compare its saved chat template with the
+    one its recipe's tokenizer has now."""
+    target = Path(target)
+    run = open_run(target) if is_run_dir(target) else None
+    recipe = load_recipe(run.file(RECIPE_FILE) if run else target, overrides)
+    reference = recipe.tokenizer or recipe.model
+    tokenizer = load_tokenizer(reference)
+    # With data.chat_template off, neither training nor inference renders a template: nothing to compare.
+    if run is not None and recipe.data.chat_template:
+        saved = load_tokenizer(str(run.tokenizer)).chat_template
+        check_chat_template(tokenizer.chat_template, saved, f"{run.tokenizer}", reference)
+    return build_preview(recipe, tokenizer, n)
+
+
+def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3) -> DataPreview:
+    """Encode the training split as `finetune` does, check every row, and keep the first `n` for display."""
+    train, _ = split_samples(recipe)
+    source = recipe.data.train
+    dataset, counts = encode_dataset(train, tokenizer, recipe.data, recipe.objective.loss_on, source)
+    rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
+    # Truncation cuts the EOS off the end of a row; only when it happened may a full-length row lack one.
+    check_labels(rows, tokenizer, source, recipe.data.max_length if counts["truncated"] else None)
+    return DataPreview(
+        rows=[token_view(ids, labels, tokenizer) for ids, labels in rows[:n]],
+        counts=counts,
+        pad_tokens=pad_tokens([len(ids) for ids, _ in rows], recipe.training.batch_size),
+        batch_size=recipe.training.batch_size,
+        max_length=recipe.data.max_length,
+    )
+
+
+def token_view(ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase) -> list[Token]:
+    """One `Token` per id, its text decoded in context so that the texts join into the decoded row."""
+    tokens = []
+    start = 0  # first token whose text is not yet emitted
+    for i, (token_id, label) in enumerate(zip(ids, labels, strict=True)):
+        lo = max(0, start - _CONTEXT)
+        before, through = _decode(tokenizer, ids[lo:start]), _decode(tokenizer, ids[lo : i + 1])
+        if through.endswith("\ufffd") and i + 1 < len(ids):
+            text = ""  # the leading bytes of a character that the next tokens complete
+        else:
+            text = through[len(before) :] if through.startswith(before) else _decode(tokenizer, ids[start : i + 1])
+            start = i + 1
+        tokens.append(Token(token_id, text, label != IGNORE_INDEX, token_id == tokenizer.eos_token_id))
+    return tokens
+
+
+def pad_tokens(lengths: list[int], batch_size: int) -> int:
+    """Padding added when batches of `batch_size` consecutive rows are padded to their longest row."""
+    batches = (lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size))
+    return sum(max(b) * len(b) - sum(b) for b in batches)
+
+
+def check_labels(
+    rows: list[tuple[list[int], list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    truncated_length: int | None = None,
+) -> None:
+    """Raise when a row has every label masked, or when EOS is not among a row's loss tokens.
+
+    Args:
+        rows: (input_ids, labels) of each training row.
+        truncated_length: rows of this length may have lost their EOS to truncation and are not checked for it.
+    """
+    eos_id = tokenizer.eos_token_id
+    without_eos = []
+    for i, (ids, labels) in enumerate(rows, 1):
+        if all(t == IGNORE_INDEX for t in labels):
+            raise LLMTuneError(
+                f"{source}: training row {i} {_snippet(tokenizer, ids)} has every label masked, so it teaches nothing"
+            )
+        if eos_id not in labels and len(ids) != truncated_length:
+            without_eos.append(i)
+    if without_eos:
+        first = without_eos[0]
+        raise LLMTuneError(
+            f"{source}: EOS {tokenizer.eos_token!r} (id {eos_id}) carries no loss in {len(without_eos)} of {len(rows)} "
+            f"training rows (first: row {first} {_snippet(tokenizer, rows[first - 1][0])}), so the tuned model would "
+            "not learn to stop; check the tokenizer's eos_token against its chat template"
+        )
+
+
+def check_chat_template(trained: Any, saved: Any, saved_at: str, reference: str) -> None:
+    """Raise when the chat template saved for inference differs from the one training renders with."""
+    if trained == saved:
+        return
+    trained_text, saved_text = str(trained or ""), str(saved or "")
+    at = next(
+        (k for k, (a, b) in enumerate(zip(trained_text, saved_text)) if a != b),
+        min(len(trained_text), len(saved_text)),
+    )
+    raise LLMTuneError(
+        f"{saved_at}: the chat template saved for inference differs from the one {reference!r} has now, which "
+        f"training renders with (first difference at character {at}: saved {saved_text[at : at + 30]!r}, "
+        f"now {trained_text[at : at + 30]!r}); prompts at inference would not look like training rows; train again, "
+        f"or set the recipe's tokenizer: {saved_at}"
+    )
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _snippet(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    text = _decode(tokenizer, ids)
+    return f"({text[:60]!r}{'...' if len(text) > 60 else ''})"

@@ -1,0 +1,143 @@
+"""What every llmtune trainer adds to a transformers/TRL trainer: atomic checkpoints, a guard against
+non-finite losses, and a graceful stop on Ctrl-C / SIGTERM that checkpoints first.
+
+Checkpoints are `RUN/checkpoint-STEP/` as the Trainer writes them (weights or adapter, optimizer,
+scheduler, RNG states, trainer state with the data position), plus the resolved recipe and a
+`COMPLETE` marker. Each is written to a staging directory and renamed into place, so a kill at any
+moment leaves the previous complete checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RECIPE_FILE, complete_checkpoints, make_readable
+from llmtune.errors import LLMTuneError
+
+
+class NonFiniteLoss(LLMTuneError):
+    exit_code = 1
+
+
+class StopRequested(LLMTuneError):
+    """Training stopped on a signal after writing a checkpoint; the message says how to resume."""
+
+    exit_code = 130
+
+
+class GuardedTrainerMixin:
+    """Mixed in before a Trainer subclass (see objectives.py); `llmtune_*` attributes are set after init."""
+
+    llmtune_keep_checkpoints: int | None = None
+    llmtune_recipe_file: Path | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss = result[0] if return_outputs else result
+        if not torch.isfinite(loss.detach()).all():
+            step = self.state.global_step + 1
+            last = complete_checkpoints(Path(self.args.output_dir))
+            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
+            raise NonFiniteLoss(
+                f"training loss became {loss.item()} at step {step}; stopped ({kept}); "
+                "lower training.learning_rate, raise training.warmup_steps, or use float32"
+            )
+        return result
+
+    def _save_checkpoint(self, model, trial) -> None:
+        root = Path(self.args.output_dir)
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        final = root / name
+        if (final / COMPLETE_MARKER).is_file():
+            return  # already written this step (the end-of-training save after a step-multiple save)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        try:
+            # The Trainer writes into args.output_dir/checkpoint-N; point it at the staging area meanwhile.
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(root)
+            written = staging / name
+            if self.llmtune_recipe_file is not None:
+                shutil.copy2(self.llmtune_recipe_file, written / RECIPE_FILE)
+            (written / COMPLETE_MARKER).write_text(f"{self.state.global_step}\n")
+            make_readable(written)
+            if final.exists():
+                shutil.rmtree(final)
+            written.rename(final)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise LLMTuneError(
+                    f"disk full while writing {final}; earlier checkpoints are intact; free space and resume "
+                    "with --resume"
+                ) from None
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._llmtune_rotate(root)
+
+    def _llmtune_rotate(self, root: Path) -> None:
+        keep = self.llmtune_keep_checkpoints
+        if keep is None:
+            return
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class SaveAtEndCallback(TrainerCallback):
+    """Checkpoint at the last step too, so a finished run can be evaluated or resumed from its end state."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """On the first SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one kills at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        self.uninstall()  # the next signal takes the default path: immediate stop
+        print(f"\n{self.requested}: finishing this step and writing a checkpoint (again to stop at once)", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def guarded(trainer_class: type[Trainer]) -> type[Trainer]:
+    """`trainer_class` with llmtune's checkpointing and guards."""
+    return type(f"Guarded{trainer_class.__name__}", (GuardedTrainerMixin, trainer_class), {})
+
+
+def check_finite(value: float, what: str) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"{what} is {value}; lower training.learning_rate or check the data")
