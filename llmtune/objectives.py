@@ -49,8 +49,12 @@ def build_sft(
         # The model is already in the recipe's dtype; TRL's default bf16 autocast would change the numbers.
         bf16=False,
         fp16=False,
-        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again.
-        max_length=None,
+        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
+        # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
+        max_length=recipe.data.max_length if recipe.data.packing else None,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        eval_packing=False,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=None,  # training.py rotates checkpoints itself, after each is complete
@@ -59,6 +63,9 @@ def build_sft(
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
+    # With a cache object present, transformers does not derive per-row attention blocks from the
+    # restarting position ids of a pack, and rows would attend to each other. Training needs no cache.
+    model.config.use_cache = False
     return guarded(SFTTrainer)(
         model=model,
         args=args,

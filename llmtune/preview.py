@@ -140,7 +140,7 @@ def check_chat_template(trained: Any, saved: Any, saved_at: str, reference: str)
         return
     trained_text, saved_text = str(trained or ""), str(saved or "")
     at = next(
-        (k for k, (a, b) in enumerate(zip(trained_text, saved_text)) if a != b),
+        (k for k, (a, b) in enumerate(zip(trained_text, saved_text, strict=False)) if a != b),
         min(len(trained_text), len(saved_text)),
     )
     raise LLMTuneError(

@@ -174,6 +174,11 @@ class DataSpec(_Spec):
     system_prompt: str | None = Field(None, description="system message put before every conversation")
     max_length: int = Field(512, gt=0, description="tokens per row")
     overflow: Literal["truncate", "drop"] = Field("truncate", description="what to do with rows over max_length")
+    packing: bool = Field(
+        False,
+        description="pack rows into max_length sequences with no padding; attention never crosses rows "
+        "(position ids restart per row)",
+    )
 
 
 class TrainingSpec(_Spec):
@@ -227,6 +232,11 @@ class Recipe(_Spec):
         if self.data.format == "text" and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
+        if self.data.packing and self.method.name in ("prefix", "prompt", "p-tuning"):
+            raise ValueError(
+                f"data.packing: {self.method.name} adds virtual tokens in front of each sequence, so in a pack only "
+                "the first row would get them; set data.packing: false"
+            )
         if self.method.name == "prefix" and self.training.gradient_checkpointing:
             raise ValueError(
                 "training.gradient_checkpointing: prefix tuning feeds its prefixes through the key/value cache, "

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+import llmtune
 from llmtune.errors import LLMTuneError, first_line
 
 RECIPES_ENV = "LLMTUNE_RECIPES"
@@ -47,8 +48,6 @@ def recipes_dir() -> Path:
     override = os.environ.get(RECIPES_ENV)
     if override:
         return Path(override).expanduser()
-    import llmtune
-
     return Path(llmtune.__file__).resolve().parents[1] / "recipes"
 
 
@@ -71,6 +70,8 @@ def description(text: str) -> str:
     """The first sentence of a recipe's opening comment, joined across the lines it wraps over."""
     lines = []
     for line in text.splitlines():
+        if line.startswith("# yaml-language-server:"):
+            continue  # the editor's schema line that `llmtune recipes schema` suggests
         if not line.startswith("#") or not line.strip("# "):
             break
         lines.append(line.lstrip("#").strip())
@@ -177,7 +178,8 @@ def _replace_value(text: str, keys: tuple[str, ...], old: str, new: str, source:
     import yaml
 
     pattern = re.compile(
-        rf"(?<![\w-])({re.escape(keys[-1])}:[ \t]*)(['\"]?){re.escape(old)}\2(?=[ \t]*([,}}#]|$))(?P<comment>[ \t]*#.*)?",
+        rf"(?<![\w-])({re.escape(keys[-1])}:[ \t]*)(['\"]?){re.escape(old)}\2"
+        rf"(?=[ \t]*([,}}#]|$))(?P<comment>[ \t]*#.*)?",
         re.M,
     )
     for match in pattern.finditer(text):
@@ -192,7 +194,9 @@ def _replace_value(text: str, keys: tuple[str, ...], old: str, new: str, source:
                 parsed = parsed.get(key) if isinstance(parsed, dict) else None
             if parsed == new:
                 return candidate
-    raise LLMTuneError(f"{source}: cannot rewrite {'.'.join(keys)} in the copy; copy the file by hand and set it to {new}")
+    raise LLMTuneError(
+        f"{source}: cannot rewrite {'.'.join(keys)} in the copy; copy the file by hand and set it to {new}"
+    )
 
 
 @app.command("schema")
@@ -220,7 +224,8 @@ def schema(
 
 def init(
     model: Annotated[
-        str | None, typer.Option(help=f"Base model: hub id, local directory, builtin:NAME or tiny:ARCH. Default: {DEFAULT_MODEL}.")
+        str | None,
+        typer.Option(help=f"Base model: hub id, local dir, builtin:NAME or tiny:ARCH. Default: {DEFAULT_MODEL}."),
     ] = None,
     method: Annotated[
         str | None, typer.Option(help="Tuning method, e.g. lora, qlora, dora, ia3, prompt, full. Default: lora.")
@@ -233,7 +238,7 @@ def init(
         str | None,
         typer.Option(
             "--format",
-            help="Data format: chat, instruction, prompt_completion or text. Default: guessed from a local file's columns.",
+            help="Data format: chat, instruction, prompt_completion or text. Default: guessed from the columns.",
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Recipe file to write. Default: recipe.yaml.")] = None,
@@ -304,8 +309,10 @@ def _interactive() -> bool:
 T = TypeVar("T")
 
 
-def _resolve(flag: str, given: str | None, question: str, default: str | None, ask: bool, check: Callable[[str], T]) -> T:
-    """The option's value if given; else, in a terminal, the answer to a prompt (asked until valid); else the default."""
+def _resolve(
+    flag: str, given: str | None, question: str, default: str | None, ask: bool, check: Callable[[str], T]
+) -> T:
+    """The option's value if given; else, in a terminal, a prompt's answer (asked until valid); else the default."""
     if given is not None:
         return check(given)
     if not ask:
