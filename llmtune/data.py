@@ -303,6 +303,11 @@ def encode_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[in
 
 def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
     eos = tokenizer.eos_token
+    if not eos:
+        raise LLMTuneError(
+            f"tokenizer {tokenizer.name_or_path!r} has no EOS token, so a tuned model could not learn to stop; "
+            "use a tokenizer that defines eos_token"
+        )
     if sample.segments is not None:
         pieces = list(sample.segments)
         text, loss = pieces[-1]
@@ -328,7 +333,7 @@ def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[st
                     "cannot be located; set data.chat_template: false or use another template"
                 )
         response = through[start:]
-        end = response.find(eos) if eos else -1
+        end = response.find(eos)
         pieces.append((through[len(done) : start], False))
         if end < 0:
             # The template does not end turns with EOS: add it, or the tuned model never learns to stop.

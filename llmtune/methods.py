@@ -41,6 +41,7 @@ def build_lora(spec: LoraSpec | DoraSpec | QLoraSpec, model: PreTrainedModel, to
 
         # Casts norms to fp32 and enables input grads: what k-bit training needs to be stable.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    _check_modules_exist(model, spec.modules_to_save)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -59,11 +60,14 @@ def build_lora(spec: LoraSpec | DoraSpec | QLoraSpec, model: PreTrainedModel, to
 def build_ia3(spec: IA3Spec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
     from peft import IA3Config
 
-    config = IA3Config(
-        target_modules=spec.target_modules,
-        feedforward_modules=spec.feedforward_modules,
-        task_type="CAUSAL_LM",
-    )
+    try:
+        config = IA3Config(
+            target_modules=spec.target_modules,
+            feedforward_modules=spec.feedforward_modules,
+            task_type="CAUSAL_LM",
+        )
+    except ValueError as e:
+        raise LLMTuneError(f"method.feedforward_modules: {first_line(e)}") from None
     return _peft(model, config)
 
 
@@ -129,6 +133,18 @@ def _peft(model: PreTrainedModel, config) -> PreTrainedModel:
                 f"its linear modules are {', '.join(names)}"
             ) from None
         raise LLMTuneError(f"method {config.peft_type.value.lower()}: {message}") from None
+
+
+def _check_modules_exist(model: PreTrainedModel, names: list[str]) -> None:
+    # peft skips a modules_to_save entry that matches nothing, so a typo would silently train less.
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        top = sorted({name.split(".")[-1] for name, m in model.named_modules() if name and not list(m.children())})
+        raise LLMTuneError(
+            f"method.modules_to_save: {', '.join(missing)} not found in {type(model).__name__}; "
+            f"module names include {', '.join(top[:12])}"
+        )
 
 
 def _is_linear(module) -> bool:

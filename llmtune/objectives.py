@@ -61,12 +61,14 @@ def build_sft(
         eval_strategy="no",
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without use_cpu, a CPU-only machine under torchrun trains one independent copy per process.
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
     )
     # With a cache object present, transformers does not derive per-row attention blocks from the
     # restarting position ids of a pack, and rows would attend to each other. Training needs no cache.
     model.config.use_cache = False
-    return guarded(SFTTrainer)(
+    trainer = guarded(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -74,6 +76,14 @@ def build_sft(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if recipe.method.name == "qlora":
+        # SFTTrainer casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute
+        # dtype so the adapter trains and saves at the precision the run directory promises.
+        dtype = getattr(torch, recipe.method.compute_dtype)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
+    return trainer
 
 
 OBJECTIVES: dict[str, Callable] = {

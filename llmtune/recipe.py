@@ -370,8 +370,8 @@ def _describe(err: dict[str, Any]) -> str:
             f"did you mean '{aliases.get(close[0], close[0])}'?" if close else f"valid keys: {', '.join(sorted(names))}"
         )
         owners = _union_members_with(loc[0], bad) if len(loc) == 2 else []
-        if owners and not close:
-            hint = f"'{bad}' is an option of {', '.join(owners)}, not {loc[0]} {_name_at(loc[0], err)}; {hint}"
+        if owners:
+            hint = f"'{bad}' is an option of {', '.join(owners)}, not of {loc[0]} {_name_at(loc[0], err)}"
         return f"{where}: unknown key; {hint}"
     if kind == "missing":
         return f"{where}: required key is missing"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,15 @@ def finetune(
     recipe = recipe.model_copy(update={"output": OutputSpec(dir=str(out))})
     # Check the run directory before any slow step, and write nothing until data and model are ready.
     checkpoint = _checkpoint_to_resume(out, recipe, resume) if resume else None
-    if checkpoint is None:
+    # Under torchrun / accelerate launch every process runs this function; only the first writes files.
+    main_process = is_main_process()
+    if checkpoint is None and main_process:
         artifacts.check_run_dir_free(out, overwrite)
 
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
     data = prepare_data(recipe, tokenizer)
-    _print_data_report(data.report, recipe.data.max_length)
+    if main_process:
+        _print_data_report(data.report, recipe.data.max_length)
 
     from transformers import set_seed
 
@@ -62,19 +66,21 @@ def finetune(
     model = load_model(recipe.model, recipe.training.dtype, quantization)
     model = METHODS[recipe.method.name](recipe.method, model, tokenizer)
     counts = parameter_counts(model)
-    print(
-        f"method {recipe.method.name}: training {counts['trainable']:,} of {counts['total']:,} parameters "
-        f"({100 * counts['trainable'] / counts['total']:.3f}%)",
-        flush=True,
-    )
+    if main_process:
+        print(
+            f"method {recipe.method.name}: training {counts['trainable']:,} of {counts['total']:,} parameters "
+            f"({100 * counts['trainable'] / counts['total']:.3f}%)",
+            flush=True,
+        )
 
-    facts = {"recipe_sha256": recipe_hash(recipe), "data_fingerprint": data.fingerprint}
-    if checkpoint is None:
-        run = artifacts.create_run_dir(out, recipe, overwrite, **facts)
-    else:
-        run = RunDir(out)
-        artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
-        _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
+    run = RunDir(out)
+    if main_process:
+        facts = {"recipe_sha256": recipe_hash(recipe), "data_fingerprint": data.fingerprint}
+        if checkpoint is None:
+            artifacts.create_run_dir(out, recipe, overwrite, **facts)
+        else:
+            artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
+            _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
     stop = StopOnSignalCallback()
     trainer = OBJECTIVES[recipe.objective.name](
         recipe,
@@ -105,18 +111,27 @@ def finetune(
         }
         if data.eval is not None:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        _save_weights(run, model, recipe)
-        with artifacts.staged_dir(run.tokenizer) as staging:
-            tokenizer.save_pretrained(staging)
-        artifacts.write_json(run.file(artifacts.METRICS_FILE), metrics)
+        if main_process:
+            _save_weights(run, model, recipe)
+            with artifacts.staged_dir(run.tokenizer) as staging:
+                tokenizer.save_pretrained(staging)
+            artifacts.write_json(run.file(artifacts.METRICS_FILE), metrics)
     except BaseException as e:
-        interrupted = isinstance(e, (KeyboardInterrupt, StopRequested))
-        artifacts.update_manifest(run, status="interrupted" if interrupted else "failed", finished=artifacts.now())
+        if main_process:
+            interrupted = isinstance(e, (KeyboardInterrupt, StopRequested))
+            status = "interrupted" if interrupted else "failed"
+            artifacts.update_manifest(run, status=status, finished=artifacts.now())
         raise
     finally:
         stop.uninstall()
-    artifacts.update_manifest(run, status="completed", finished=artifacts.now())
+    if main_process:
+        artifacts.update_manifest(run, status="completed", finished=artifacts.now())
     return FinetuneResult(run=run, metrics=metrics)
+
+
+def is_main_process() -> bool:
+    """True outside a multi-process launch, and in its first process (torchrun / accelerate set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def recipe_hash(recipe: Recipe) -> str:

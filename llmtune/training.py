@@ -13,7 +13,6 @@ import errno
 import math
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +60,32 @@ class GuardedTrainerMixin:
         final = root / name
         if (final / COMPLETE_MARKER).is_file():
             return  # already written this step (the end-of-training save after a step-multiple save)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        # One staging directory shared by every process (each writes its own RNG state into it); the main
+        # process renames it into place once all have finished.
+        staging = root / f".{name}.staging"
+        main = self.is_world_process_zero()
         try:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
             # The Trainer writes into args.output_dir/checkpoint-N; point it at the staging area meanwhile.
             self.args.output_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = str(root)
-            written = staging / name
-            if self.llmtune_recipe_file is not None:
-                shutil.copy2(self.llmtune_recipe_file, written / RECIPE_FILE)
-            (written / COMPLETE_MARKER).write_text(f"{self.state.global_step}\n")
-            make_readable(written)
-            if final.exists():
-                shutil.rmtree(final)
-            written.rename(final)
+            self.accelerator.wait_for_everyone()
+            if main:
+                written = staging / name
+                if self.llmtune_recipe_file is not None:
+                    shutil.copy2(self.llmtune_recipe_file, written / RECIPE_FILE)
+                (written / COMPLETE_MARKER).write_text(f"{self.state.global_step}\n")
+                make_readable(written)
+                if final.exists():
+                    shutil.rmtree(final)
+                written.rename(final)
+                self._llmtune_rotate(root)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise LLMTuneError(
@@ -85,8 +94,9 @@ class GuardedTrainerMixin:
                 ) from None
             raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._llmtune_rotate(root)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def _llmtune_rotate(self, root: Path) -> None:
         keep = self.llmtune_keep_checkpoints

@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    epilog="Example: llmtune finetune recipes/quickstart.yaml && llmtune eval runs/quickstart --compare-base",
 )
 _state = {"debug": False}
 
