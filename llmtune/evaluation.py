@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmtune import artifacts, metrics
-from llmtune.artifacts import is_run_dir
+from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_model, load_tokenizer, load_tuned
 from llmtune.recipe import Recipe, load_recipe
+from llmtune.report import write_run_report
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -68,6 +69,8 @@ def evaluate(
         artifacts.write_json(out, results)
         if predictions:
             artifacts.write_jsonl(_predictions_path(out, path), predictions)
+    if label == "tuned" and out == path / artifacts.EVAL_FILE:
+        write_run_report(RunDir(path))
     return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples))
 
 

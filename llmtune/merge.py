@@ -14,6 +14,7 @@ from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
 from llmtune.methods import UNMERGEABLE_METHODS
 from llmtune.models import load_tuned
+from llmtune.report import MODEL_CARD_FILE, model_card, read_json
 
 # Probe prompts used when a run has no held-out data to probe with.
 _FALLBACK_PROBES = ["The quick brown fox jumps over the lazy dog.", "Hello! How are you today?"]
@@ -74,6 +75,8 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
     with staged_dir(out) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        metrics, evaluation = read_json(run.file(artifacts.METRICS_FILE)), read_json(run.file(artifacts.EVAL_FILE))
+        (staging / MODEL_CARD_FILE).write_text(model_card(run.recipe(), metrics, evaluation, merged=True))
         # Reload exactly as a user would, with plain transformers and no peft.
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=merged.dtype)
         with torch.no_grad():

@@ -59,7 +59,8 @@ def build_sft(
         save_steps=t.save_steps or 500,
         save_total_limit=None,  # training.py rotates checkpoints itself, after each is complete
         eval_strategy="no",
-        report_to="none",
+        # TensorBoard is attached below with a fixed directory; other trackers are passed through.
+        report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without use_cpu, a CPU-only machine under torchrun trains one independent copy per process.
         use_cpu=not torch.cuda.is_available(),
@@ -76,6 +77,7 @@ def build_sft(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in t.report_to)
     if recipe.method.name == "qlora":
         # SFTTrainer casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute
         # dtype so the adapter trains and saves at the precision the run directory promises.
@@ -89,3 +91,22 @@ def build_sft(
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
 }
+
+
+def _use_llmtune_logging(trainer: Trainer, output_dir: Path, tensorboard: bool) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    from llmtune.training import ProgressLine
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressLine())
+    if tensorboard and trainer.is_world_process_zero():
+        try:
+            from transformers.integrations import TensorBoardCallback
+
+            callback = TensorBoardCallback()
+        except RuntimeError:
+            return  # raised when the tensorboard package is missing: the run just has no event files
+        # Set after init: the callback reopens its writer after training (for the final evaluation) from here.
+        callback.logging_dir = str(output_dir / "tensorboard")
+        trainer.add_callback(callback)

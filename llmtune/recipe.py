@@ -199,6 +199,10 @@ class TrainingSpec(_Spec):
         50, gt=0, description="checkpoint every N optimizer steps (and at the end); null: only at the end"
     )
     keep_checkpoints: int | None = Field(2, gt=0, description="newest checkpoints kept on disk; null: all")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers; TensorBoard event files go to RUN/tensorboard",
+    )
 
 
 METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")

@@ -18,6 +18,7 @@ from llmtune.methods import ADAPTER_METHODS, METHODS
 from llmtune.models import load_model, load_tokenizer, parameter_counts
 from llmtune.objectives import OBJECTIVES
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
+from llmtune.report import write_run_report
 from llmtune.training import (
     SaveAtEndCallback,
     StopOnSignalCallback,
@@ -126,6 +127,7 @@ def finetune(
         stop.uninstall()
     if main_process:
         artifacts.update_manifest(run, status="completed", finished=artifacts.now())
+        write_run_report(run)
     return FinetuneResult(run=run, metrics=metrics)
 
 

@@ -13,6 +13,7 @@ import errno
 import math
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,40 @@ class GuardedTrainerMixin:
             return
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class ProgressLine(TrainerCallback):
+    """One progress bar: step, loss, learning rate, tokens/s and ETA (tqdm), instead of dumping log dicts."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self._last: tuple[float, float] | None = None  # (time, tokens seen) at the previous log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        postfix = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}"}
+        if "num_tokens" in logs:
+            now = time.time()
+            if self._last is not None and now > self._last[0]:
+                postfix["tok/s"] = f"{(logs['num_tokens'] - self._last[1]) / (now - self._last[0]):.0f}"
+            self._last = (now, logs["num_tokens"])
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class SaveAtEndCallback(TrainerCallback):
