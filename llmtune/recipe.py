@@ -186,7 +186,7 @@ class TrainingSpec(_Spec):
     epochs: float | None = Field(None, gt=0, description="passes over the data when max_steps is absent (default 1)")
     batch_size: int = Field(8, gt=0, description="rows per device per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    learning_rate: float = Field(2.0e-4, gt=0)
+    learning_rate: float = Field(2.0e-4, gt=0, allow_inf_nan=False)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -256,7 +256,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         path: the YAML file.
         overrides: `a.b=value` strings; the value is parsed as YAML, then typed by the schema.
     """
-    path = Path(path)
+    try:
+        return _load_recipe(Path(path), overrides)
+    except LLMTuneError as e:
+        # Keys and values can contain newlines; the message must stay one line.
+        raise LLMTuneError(str(e).replace("\r", "\\r").replace("\n", "\\n")) from None
+    except (RecursionError, ValueError, OSError) as e:
+        # Pathological documents: nesting past Python's recursion limit, integers past its digit limit,
+        # paths longer than the filesystem allows.
+        raise LLMTuneError(f"{path}: cannot use this recipe: {type(e).__name__}: {first_line(e)[:200]}") from None
+
+
+def _load_recipe(path: Path, overrides: list[str] | None) -> Recipe:
     if not path.is_file():
         raise LLMTuneError(f"{path}: recipe file not found")
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +82,15 @@ def finetune(
         if checkpoint is None:
             artifacts.create_run_dir(out, recipe, overwrite, **facts)
         else:
+            if run.manifest().get("data_fingerprint", facts["data_fingerprint"]) != facts["data_fingerprint"]:
+                raise LLMTuneError(
+                    f"{out}: the training data (or its tokenization) changed since the run started; resuming would "
+                    "mix two datasets: restore the data, or start a new run with --overwrite"
+                )
             artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
             _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
+        for stale in out.glob(f".{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing a checkpoint
     stop = StopOnSignalCallback()
     trainer = OBJECTIVES[recipe.objective.name](
         recipe,
@@ -100,7 +109,7 @@ def finetune(
         if stop.requested:
             raise StopRequested(
                 f"{stop.requested}: stopped after step {trainer.state.global_step} with a checkpoint in {run.path}; "
-                f"resume with: llmtune finetune {recipe_path} --resume"
+                f"resume with: llmtune finetune {recipe_path}{_set_flags(overrides)} --resume"
             )
         check_finite(train_output.training_loss, "the mean training loss")
         metrics: dict[str, Any] = {
@@ -161,6 +170,10 @@ def _checkpoint_to_resume(out: Path, recipe: Recipe, resume: bool | Path) -> Pat
     return found[-1]
 
 
+def _set_flags(overrides: list[str] | None) -> str:
+    return "".join(f" --set {shlex.quote(item)}" for item in overrides or [])
+
+
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
@@ -176,7 +189,12 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint, so the resumed run's curve continues without repeats."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    # Per-step training entries only: the stopped run's end-of-training summary would otherwise appear twice.
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if (entry := json.loads(line))["step"] <= step and "loss" in entry
+    ]
     artifacts.write_text(path, "".join(line + "\n" for line in kept))
 
 

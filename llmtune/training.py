@@ -87,8 +87,8 @@ class GuardedTrainerMixin:
                     shutil.rmtree(final)
                 written.rename(final)
                 self._llmtune_rotate(root)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except Exception as e:
+            if _is_disk_full(e, root):
                 raise LLMTuneError(
                     f"disk full while writing {final}; earlier checkpoints are intact; free space and resume "
                     "with --resume"
@@ -105,6 +105,16 @@ class GuardedTrainerMixin:
             return
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_disk_full(error: Exception, where: Path) -> bool:
+    # torch.save and safetensors report a full disk as RuntimeError / SafetensorError, not OSError(ENOSPC).
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    return shutil.disk_usage(where).free < 1 << 20
 
 
 class ProgressLine(TrainerCallback):
