@@ -47,25 +47,42 @@ def expect_error(*fragments: str):
         assert fragment in message, message
 
 
+def write_tiny_recipe(root: Path, name: str = "tiny", rows: int = 24, **sections: Any) -> Path:
+    """Write a recipe for tiny:llama with its own chat data under `root`; keyword sections replace the defaults."""
+    write_jsonl(root / "data" / "train.jsonl", chat_rows(rows))
+    write_jsonl(root / "data" / "eval.jsonl", chat_rows(6))
+    recipe: dict[str, Any] = {
+        "model": "tiny:llama",
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "objective": {"name": "sft"},
+        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
+        # lr 1e-2 so three steps move LoRA's B well away from zero: a zero B makes merge checks pass trivially.
+        "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1},
+        "eval": {"max_new_tokens": 6, "batch_size": 4},
+        "output": {"dir": str(root / "runs" / name)},
+        **sections,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path: Path):
-    """Write a recipe for tiny:llama with its own chat data; keyword sections replace the defaults."""
+    """`write_tiny_recipe` into this test's tmp_path."""
 
     def _make(name: str = "tiny", rows: int = 24, **sections: Any) -> Path:
-        write_jsonl(tmp_path / "data" / "train.jsonl", chat_rows(rows))
-        write_jsonl(tmp_path / "data" / "eval.jsonl", chat_rows(6))
-        recipe: dict[str, Any] = {
-            "model": "tiny:llama",
-            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "objective": {"name": "sft"},
-            "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
-            "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1},
-            "eval": {"max_new_tokens": 6, "batch_size": 4},
-            "output": {"dir": str(tmp_path / "runs" / name)},
-        }
-        recipe.update(sections)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-        return path
+        return write_tiny_recipe(tmp_path, name, rows, **sections)
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models train much faster on one thread on a busy two-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

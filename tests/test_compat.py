@@ -58,6 +58,9 @@ FEATURE_SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 FEATURE_KEYS = {"grad_ckpt": "training.gradient_checkpointing", "packing": "data.packing"}
 QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
+# The tiny models train much faster on one thread on a busy two-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def quantized_layers(model) -> int:
     """bitsandbytes' own quantized linear layers (peft's LoRA wrappers around them share their class names)."""
@@ -157,15 +160,6 @@ def _watch(build: Callable, seen: dict[str, Any]) -> Callable:
         return trainer
 
     return build_and_watch
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models train much faster on one thread on a busy two-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, write_tiny_recipe
 
 from llmtune import artifacts, metrics
 from llmtune.data import Sample, encode_prompt
@@ -57,26 +56,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in lines[0]
     return lines[0]
-
-
-def write_tiny_recipe(root: Path, name: str, **sections: Any) -> Path:
-    """A module-scoped twin of conftest's `make_recipe` (a function-scoped fixture cannot serve a module)."""
-    write_jsonl(root / "data" / "train.jsonl", chat_rows(24))
-    write_jsonl(root / "data" / "eval.jsonl", chat_rows(EVAL_ROWS))
-    recipe: dict[str, Any] = {
-        "model": "tiny:llama",
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "objective": {"name": "sft"},
-        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
-        # lr 1e-2 so three steps move LoRA's B well away from zero: a zero B makes merge checks pass trivially.
-        "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1},
-        "eval": {"max_new_tokens": 6, "batch_size": 4},
-        "output": {"dir": str(root / "runs" / name)},
-        **sections,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

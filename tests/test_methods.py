@@ -584,7 +584,6 @@ def test_metrics_report_the_trainable_and_total_parameter_counts(trained, case: 
     assert (on_disk["trainable"] == on_disk["total"]) is (method["name"] == "full")
 
 
-
 @pytest.mark.parametrize("case", MAIN_CASES + GC_CASES)
 def test_reloaded_run_gives_the_end_of_training_logits(trained, case: str):
     t = trained(case)

@@ -64,16 +64,11 @@ E2E_METHODS: dict[str, dict[str, Any]] = {
 CLI_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 WEIGHT_FILES = {"adapter": "adapter_model.safetensors", "model": "model.safetensors"}
 
+# The tiny models train much faster on one thread on a busy two-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def varied_rows(n: int) -> list[dict[str, Any]]:
