@@ -18,6 +18,23 @@ if TYPE_CHECKING:
     from llmtune.data import PreparedData
 
 
+def check_engines(recipe: Recipe) -> None:
+    """Refuse sharding settings this launch cannot honour, before any model loads."""
+    import importlib.util
+    import os
+
+    from llmtune.errors import LLMTuneError
+
+    t = recipe.training
+    if (t.fsdp or t.deepspeed) and "RANK" not in os.environ:
+        raise LLMTuneError(
+            "training.fsdp / training.deepspeed shard across processes: launch with --nproc N, torchrun or "
+            "accelerate launch"
+        )
+    if t.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise LLMTuneError("training.deepspeed needs the deepspeed package: pip install deepspeed")
+
+
 def build_sft(
     recipe: Recipe,
     model: PreTrainedModel,
@@ -46,6 +63,10 @@ def build_sft(
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         gradient_checkpointing=t.gradient_checkpointing,
+        # Sharding engines are accelerate's; the recipe only names their settings.
+        fsdp=True if t.fsdp else None,
+        fsdp_config=t.fsdp_config or None,
+        deepspeed=t.deepspeed,
         # The model is already in the recipe's dtype; TRL's default bf16 autocast would change the numbers.
         bf16=False,
         fp16=False,

@@ -199,6 +199,9 @@ class TrainingSpec(_Spec):
         50, gt=0, description="checkpoint every N optimizer steps (and at the end); null: only at the end"
     )
     keep_checkpoints: int | None = Field(2, gt=0, description="newest checkpoints kept on disk; null: all")
+    fsdp: bool = Field(False, description="shard with PyTorch FSDP when launched with torchrun / accelerate")
+    fsdp_config: dict[str, Any] = Field(default_factory=dict, description="FSDP options, as transformers takes them")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config file (relative to the recipe file)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="experiment trackers; TensorBoard event files go to RUN/tensorboard",
@@ -347,10 +350,16 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             updates[field] = str(local.resolve())
         elif is_local_data_ref(ref):
             raise LLMTuneError(f"{base / ref}: data.{field} file not found (paths are relative to the recipe file)")
+    training = recipe.training
+    if training.deepspeed is not None:
+        config = base / training.deepspeed
+        if not config.is_file():
+            raise LLMTuneError(f"{config}: training.deepspeed file not found (paths are relative to the recipe file)")
+        training = training.model_copy(update={"deepspeed": str(config.resolve())})
     model = recipe.model
     if not model.startswith(("builtin:", "tiny:")) and (base / model).is_dir():
         model = str((base / model).resolve())
-    return recipe.model_copy(update={"data": data.model_copy(update=updates), "model": model})
+    return recipe.model_copy(update={"data": data.model_copy(update=updates), "model": model, "training": training})
 
 
 def is_local_data_ref(ref: str) -> bool:

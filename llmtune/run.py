@@ -18,7 +18,7 @@ from llmtune.data import prepare_data
 from llmtune.errors import LLMTuneError
 from llmtune.methods import ADAPTER_METHODS, METHODS
 from llmtune.models import load_model, load_tokenizer, parameter_counts
-from llmtune.objectives import OBJECTIVES
+from llmtune.objectives import OBJECTIVES, check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
 from llmtune.training import (
@@ -51,6 +51,7 @@ def finetune(
     out = Path(recipe.output.dir or Path("runs") / Path(recipe_path).stem).expanduser().resolve()
     recipe = recipe.model_copy(update={"output": OutputSpec(dir=str(out))})
     # Check the run directory before any slow step, and write nothing until data and model are ready.
+    check_engines(recipe)
     checkpoint = _checkpoint_to_resume(out, recipe, resume) if resume else None
     # Under torchrun / accelerate launch every process runs this function; only the first writes files.
     main_process = is_main_process()
