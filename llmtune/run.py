@@ -50,7 +50,7 @@ def finetune(
     recipe = load_recipe(recipe_path, overrides)
     out = Path(recipe.output.dir or Path("runs") / Path(recipe_path).stem).expanduser().resolve()
     recipe = recipe.model_copy(update={"output": OutputSpec(dir=str(out))})
-    # Check the run directory before any slow step, and write nothing until data and model are ready.
+    # Check launch and run directory before any slow step; write nothing until data and model are ready.
     check_engines(recipe)
     checkpoint = _checkpoint_to_resume(out, recipe, resume) if resume else None
     # Under torchrun / accelerate launch every process runs this function; only the first writes files.
@@ -122,6 +122,8 @@ def finetune(
         }
         if data.eval is not None:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        # Training ran without a KV cache (see objectives.py); the saved model should generate with one.
+        model.config.use_cache = True
         if main_process:
             _save_weights(run, model, recipe)
             with artifacts.staged_dir(run.tokenizer) as staging:
