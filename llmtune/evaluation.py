@@ -14,7 +14,7 @@ from llmtune import artifacts, metrics
 from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.models import load_model, load_tokenizer, load_tuned
+from llmtune.models import load_base_model, load_model, load_tokenizer, load_tuned
 from llmtune.recipe import Recipe, load_recipe
 from llmtune.report import write_run_report
 
@@ -51,7 +51,7 @@ def evaluate(
             artifacts.open_run(path)  # says why this directory is not a run
         recipe = load_recipe(path, overrides)
         tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
-        model = load_model(recipe.model, recipe.training.dtype)
+        model = load_base_model(recipe, quantized=False)
         label, compare_base = "base", False
     _, samples = split_samples(recipe)
     if not samples:
@@ -81,7 +81,7 @@ def _base_of(model: PreTrainedModel, recipe: Recipe):
         with model.disable_adapter():
             yield model
     else:
-        yield load_model(recipe.model, recipe.training.dtype)
+        yield load_base_model(recipe, quantized=False)
 
 
 def _predictions_path(out: Path, target: Path) -> Path:

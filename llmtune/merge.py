@@ -13,7 +13,7 @@ from llmtune.data import encode, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
 from llmtune.methods import UNMERGEABLE_METHODS
-from llmtune.models import load_tuned
+from llmtune.models import auto_class, load_tuned
 from llmtune.report import MODEL_CARD_FILE, model_card, read_json
 
 # Probe prompts used when a run has no held-out data to probe with.
@@ -32,8 +32,6 @@ class MergeResult:
 
 
 def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite: bool = False) -> MergeResult:
-    from transformers import AutoModelForCausalLM
-
     run = open_run(run_path)
     method = run.recipe().method.name
     if method in UNMERGEABLE_METHODS:
@@ -78,7 +76,7 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
         metrics, evaluation = read_json(run.file(artifacts.METRICS_FILE)), read_json(run.file(artifacts.EVAL_FILE))
         (staging / MODEL_CARD_FILE).write_text(model_card(run.recipe(), metrics, evaluation, merged=True))
         # Reload exactly as a user would, with plain transformers and no peft.
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=merged.dtype)
+        reloaded = auto_class(run.recipe().objective.model_kind).from_pretrained(staging, dtype=merged.dtype)
         with torch.no_grad():
             reload_diff = (_logits(reloaded, probes) - merged_logits).abs().max().item()
         if not reload_diff <= tolerance:

@@ -29,11 +29,17 @@ from llmtune.recipe import (
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# peft's task type for each kind of model (llmtune.models.AUTO_CLASSES): it decides which head peft keeps
+# trainable and how inputs reach the model.
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS", "seq2seq-lm": "SEQ_2_SEQ_LM"}
+
 # Biased models users can reach for when BitFit refuses a bias-free one.
 MODELS_WITH_BIASES = "GPT-2, OPT, BLOOM, Pythia/GPT-NeoX, BERT, Qwen2/2.5 (q/k/v biases)"
 
 
-def build_lora(spec: LoraSpec | DoraSpec | QLoraSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_lora(
+    spec: LoraSpec | DoraSpec | QLoraSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     from peft import LoraConfig
 
     if isinstance(spec, QLoraSpec):
@@ -52,38 +58,42 @@ def build_lora(spec: LoraSpec | DoraSpec | QLoraSpec, model: PreTrainedModel, to
         use_rslora=spec.use_rslora,
         use_dora=isinstance(spec, DoraSpec),
         init_lora_weights=True if spec.init == "default" else spec.init,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return _peft(model, config)
 
 
-def build_ia3(spec: IA3Spec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_ia3(spec: IA3Spec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     from peft import IA3Config
 
     try:
         config = IA3Config(
             target_modules=spec.target_modules,
             feedforward_modules=spec.feedforward_modules,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
     except ValueError as e:
         raise LLMTuneError(f"method.feedforward_modules: {first_line(e)}") from None
     return _peft(model, config)
 
 
-def build_prefix(spec: PrefixSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_prefix(
+    spec: PrefixSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     from peft import PrefixTuningConfig
 
     config = PrefixTuningConfig(
         num_virtual_tokens=spec.num_virtual_tokens,
         prefix_projection=spec.projection,
         encoder_hidden_size=spec.projection_hidden_size,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return _peft(model, config)
 
 
-def build_prompt(spec: PromptSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_prompt(
+    spec: PromptSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     import torch
     from peft import PromptTuningConfig
 
@@ -95,7 +105,7 @@ def build_prompt(spec: PromptSpec, model: PreTrainedModel, tokenizer: PreTrained
                 f"method.init_text is {len(init_ids)} tokens but method.num_virtual_tokens is "
                 f"{spec.num_virtual_tokens}; shorten the text or raise num_virtual_tokens"
             )
-    peft_model = _peft(model, PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type="CAUSAL_LM"))
+    peft_model = _peft(model, PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type))
     if init_ids:
         # peft's own text init reloads the tokenizer by hub name; this works for any tokenizer we loaded.
         # The text is repeated to fill every virtual token, as peft does.
@@ -106,14 +116,16 @@ def build_prompt(spec: PromptSpec, model: PreTrainedModel, tokenizer: PreTrained
     return peft_model
 
 
-def build_ptuning(spec: PTuningSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_ptuning(
+    spec: PTuningSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     from peft import PromptEncoderConfig
 
     config = PromptEncoderConfig(
         num_virtual_tokens=spec.num_virtual_tokens,
         encoder_reparameterization_type=spec.encoder.upper(),
         encoder_hidden_size=spec.encoder_hidden_size,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return _peft(model, config)
 
@@ -156,11 +168,13 @@ def _is_linear(module) -> bool:
 # --- methods that train a subset of the model's own parameters -----------------------------------
 
 
-def build_full(spec: FullSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_full(spec: FullSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     return _train_only(model, lambda name: True)
 
 
-def build_bitfit(spec: BitFitSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_bitfit(
+    spec: BitFitSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     if not any(name.endswith(".bias") for name, _ in model.named_parameters()):
         raise LLMTuneError(
             f"method bitfit: {type(model).__name__} has no bias parameters to train; "
@@ -169,7 +183,7 @@ def build_bitfit(spec: BitFitSpec, model: PreTrainedModel, tokenizer=None) -> Pr
     return _train_only(model, lambda name: name.endswith(".bias"))
 
 
-def build_head(spec: HeadSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_head(spec: HeadSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     head = model.get_output_embeddings()
     if head is None:
         raise LLMTuneError(f"method head: {type(model).__name__} has no output head")
@@ -192,7 +206,9 @@ def build_head(spec: HeadSpec, model: PreTrainedModel, tokenizer=None) -> PreTra
     return model
 
 
-def build_layers(spec: LayersSpec, model: PreTrainedModel, tokenizer=None) -> PreTrainedModel:
+def build_layers(
+    spec: LayersSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     chosen: list[str] = []
     if spec.last_k is not None or spec.pattern is None:
         prefix, n_blocks = _blocks(model)

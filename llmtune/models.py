@@ -17,7 +17,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from llmtune.artifacts import make_readable
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from llmtune.recipe import QLoraSpec
+    from llmtune.recipe import QLoraSpec, Recipe
 
 ALTERNATIVES = "use a local checkpoint directory, builtin:smollm2-135m-instruct or tiny:llama"
 
@@ -78,30 +78,59 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(ref: str, dtype: str = "float32", quantization: QLoraSpec | None = None) -> PreTrainedModel:
-    """Load a model in `dtype`; with `quantization` (a qlora method spec) its linear layers are 4- or 8-bit."""
+# The kind of model an objective trains (see `model_kind` on the objective specs) -> its transformers Auto class.
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+}
+
+
+def auto_class(kind: str):
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[kind])
+
+
+def load_model(
+    ref: str,
+    dtype: str = "float32",
+    quantization: QLoraSpec | None = None,
+    kind: str = "causal-lm",
+    **config: Any,
+) -> PreTrainedModel:
+    """Load a model in `dtype`; with `quantization` (a qlora method spec) its linear layers are 4- or 8-bit.
+
+    Args:
+        kind: a key of AUTO_CLASSES; which head the model gets.
+        config: config attributes for a new head, e.g. num_labels and id2label for sequence classification.
+    """
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    kwargs = {"dtype": torch_dtype}
+    kwargs = {"dtype": torch_dtype, **config}
     if quantization is not None:
         torch_dtype = getattr(torch, quantization.compute_dtype)
-        kwargs = {"dtype": torch_dtype, "quantization_config": _bnb_config(quantization)}
+        kwargs.update(dtype=torch_dtype, quantization_config=_bnb_config(quantization))
+    loader = auto_class(kind).from_pretrained
     if ref.startswith("tiny:"):
-        model = _tiny(ref).model().to(torch_dtype)
+        model = _tiny(ref).model(kind, **config).to(torch_dtype)
         if quantization is None:
             return model
         # bitsandbytes quantizes while loading weights, so give the in-process model a checkpoint to load from.
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            return _from_hub_or_disk(_causal_lm_loader(), tmp, ref, **kwargs)
-    return _from_hub_or_disk(_causal_lm_loader(), resolve_checkpoint(ref), ref, **kwargs)
+            return _from_hub_or_disk(loader, tmp, ref, **kwargs)
+    return _from_hub_or_disk(loader, resolve_checkpoint(ref), ref, **kwargs)
 
 
-def _causal_lm_loader():
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained
+def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
+    """The recipe's untuned model, with the head its objective needs (quantized for qlora unless told not to)."""
+    quantization = recipe.method if recipe.method.name == "qlora" and quantized else None
+    objective = recipe.objective
+    return load_model(
+        recipe.model, recipe.training.dtype, quantization, objective.model_kind, **objective.head_config()
+    )
 
 
 def _bnb_config(spec: QLoraSpec):
@@ -233,16 +262,17 @@ class _Tiny:
             chat_template=TINY_CHAT_TEMPLATE,
         )
 
-    def model(self) -> PreTrainedModel:
+    def model(self, kind: str = "causal-lm", **overrides: Any) -> PreTrainedModel:
         import torch
-        from transformers import AutoModelForCausalLM
 
         tok = self.tokenizer()
         config = _TINY_CONFIGS[self.arch](len(tok), tok)
+        for key, value in overrides.items():
+            setattr(config, key, value)
         # The same weights on every call: a run directory stores only the adapter, and eval rebuilds the base.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_class(kind).from_config(config)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
         return model
@@ -307,22 +337,22 @@ def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedMode
         dequantize: for a QLoRA run, turn the quantized base back into plain weights in the compute dtype
             before attaching the adapter, so the adapter can be merged without quantizing again.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from llmtune.artifacts import open_run
 
     run = open_run(Path(run_path))
     recipe = run.recipe()
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    kind = recipe.objective.model_kind
     if run.adapter.is_dir():
         from peft import PeftModel
 
-        quantization = recipe.method if recipe.method.name == "qlora" else None
-        base = load_model(recipe.model, recipe.training.dtype, quantization)
-        if quantization is not None and dequantize:
+        base = load_base_model(recipe)
+        if recipe.method.name == "qlora" and dequantize:
             base = base.dequantize()
         return PeftModel.from_pretrained(base, run.adapter), tokenizer
     import torch
 
-    model = AutoModelForCausalLM.from_pretrained(run.model, dtype=getattr(torch, recipe.training.dtype))
+    model = auto_class(kind).from_pretrained(run.model, dtype=getattr(torch, recipe.training.dtype))
     return model, tokenizer

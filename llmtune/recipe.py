@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -151,7 +151,16 @@ MethodSpec = Annotated[
 ]
 
 
-class SFTSpec(_Spec):
+class _ObjectiveOptions(_Spec):
+    # Which head the trained model has: a key of llmtune.models.AUTO_CLASSES.
+    model_kind: ClassVar[str] = "causal-lm"
+
+    def head_config(self) -> dict[str, Any]:
+        """Config attributes the model needs for this objective (e.g. the labels of a classification head)."""
+        return {}
+
+
+class SFTSpec(_ObjectiveOptions):
     name: Literal["sft"]
     loss_on: Literal["response", "all"] = Field(
         "response", description="'response': assistant turns / completions only; 'all': every token"

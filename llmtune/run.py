@@ -16,8 +16,8 @@ from llmtune import artifacts
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, complete_checkpoints
 from llmtune.data import prepare_data
 from llmtune.errors import LLMTuneError
-from llmtune.methods import ADAPTER_METHODS, METHODS
-from llmtune.models import load_model, load_tokenizer, parameter_counts
+from llmtune.methods import ADAPTER_METHODS, METHODS, PEFT_TASK_TYPES
+from llmtune.models import load_base_model, load_tokenizer, parameter_counts
 from llmtune.objectives import OBJECTIVES, check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
@@ -66,9 +66,10 @@ def finetune(
     from transformers import set_seed
 
     set_seed(recipe.training.seed)
-    quantization = recipe.method if recipe.method.name == "qlora" else None
-    model = load_model(recipe.model, recipe.training.dtype, quantization)
-    model = METHODS[recipe.method.name](recipe.method, model, tokenizer)
+    model = load_base_model(recipe)
+    model = METHODS[recipe.method.name](
+        recipe.method, model, tokenizer, task_type=PEFT_TASK_TYPES[recipe.objective.model_kind]
+    )
     counts = parameter_counts(model)
     if main_process:
         print(

@@ -339,7 +339,7 @@ def test_bad_method_options_are_one_line_recipe_errors(make_recipe, method, trai
 def test_refused_combination_fails_before_any_model_loads_or_run_dir_is_written(make_recipe, monkeypatch):
     path = make_recipe(method={"name": "prefix"}, training=_training(gradient_checkpointing=True))
     loaded = []
-    monkeypatch.setattr(llmtune.run, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(llmtune.run, "load_base_model", lambda *a, **k: loaded.append(a))
     with expect_error("gradient_checkpointing"):
         finetune(path)
     assert not loaded

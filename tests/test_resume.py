@@ -536,8 +536,8 @@ def poison_embeddings(monkeypatch: pytest.MonkeyPatch, method: str, first_bad_fo
     build = methods.METHODS[method]
     calls = {"n": 0}
 
-    def build_poisoned(spec, model, tokenizer):
-        tuned = build(spec, model, tokenizer)
+    def build_poisoned(spec, model, tokenizer, **kwargs):
+        tuned = build(spec, model, tokenizer, **kwargs)
 
         def hook(module, args, output):
             if module.training:
@@ -575,8 +575,8 @@ def signal_at_forward(monkeypatch: pytest.MonkeyPatch, method: str, nth: int, si
     build = methods.METHODS[method]
     calls = {"n": 0}
 
-    def build_signalling(spec, model, tokenizer):
-        tuned = build(spec, model, tokenizer)
+    def build_signalling(spec, model, tokenizer, **kwargs):
+        tuned = build(spec, model, tokenizer, **kwargs)
 
         def hook(module, args, output):
             if module.training:
