@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmtune.loss import TargetedLoss
 from llmtune.recipe import Recipe
-from llmtune.training import guarded
+from llmtune.training import guarded, use_bf16
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
@@ -44,9 +45,10 @@ def build_sft(
     callbacks: list[TrainerCallback],
 ) -> Trainer:
     import torch
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     t = recipe.training
+    bf16 = use_bf16(recipe)
     args = SFTConfig(
         output_dir=str(output_dir),
         max_steps=t.max_steps or -1,
@@ -67,9 +69,11 @@ def build_sft(
         fsdp=True if t.fsdp else None,
         fsdp_config=t.fsdp_config or None,
         deepspeed=t.deepspeed,
-        # The model is already in the recipe's dtype; TRL's default bf16 autocast would change the numbers.
-        bf16=False,
+        # Autocast only as training.bf16 says; TRL would otherwise switch bf16 on by itself.
+        bf16=bf16,
         fp16=False,
+        # A pack is one row already; grouping packs by length would only reorder them.
+        train_sampling_strategy="group_by_length" if t.group_by_length and not recipe.data.packing else "random",
         # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
         # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
         max_length=recipe.data.max_length if recipe.data.packing else None,
@@ -90,7 +94,7 @@ def build_sft(
     # With a cache object present, transformers does not derive per-row attention blocks from the
     # restarting position ids of a pack, and rows would attend to each other. Training needs no cache.
     model.config.use_cache = False
-    trainer = guarded(SFTTrainer)(
+    trainer = guarded(_sft_trainer_class())(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -99,6 +103,9 @@ def build_sft(
         callbacks=callbacks,
     )
     _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in t.report_to)
+    # Sharding engines own the head's weight outside their forward pass, so the head stays inside it there.
+    if t.fused_loss and not (t.fsdp or t.deepspeed) and model.get_output_embeddings() is not None:
+        trainer.llmtune_loss = TargetedLoss(model)
     if recipe.method.name == "qlora":
         # SFTTrainer casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute
         # dtype so the adapter trains and saves at the precision the run directory promises.
@@ -107,6 +114,33 @@ def build_sft(
             if p.requires_grad:
                 p.data = p.data.to(dtype)
     return trainer
+
+
+def _sft_trainer_class() -> type[Trainer]:
+    import torch
+    from trl import SFTTrainer
+
+    class LLMTuneSFTTrainer(SFTTrainer):
+        """SFTTrainer whose training loss comes from `llmtune.loss.TargetedLoss` when one is set."""
+
+        llmtune_loss: TargetedLoss | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.llmtune_loss is None or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = self.llmtune_loss(model, inputs, num_items_in_batch)
+            # As in SFTTrainer: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if model.training:
+                # The token count behind the progress bar's tokens/s, as SFTTrainer keeps it.
+                mask = inputs.get("attention_mask")
+                local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+                self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return LLMTuneSFTTrainer
 
 
 OBJECTIVES: dict[str, Callable] = {

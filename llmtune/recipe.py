@@ -203,6 +203,22 @@ class TrainingSpec(_Spec):
     seed: int = 0
     logging_steps: int = Field(5, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
+    bf16: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="mixed precision: matmuls in bfloat16 under autocast, weights and optimizer state in "
+        "training.dtype; 'auto' = where the hardware computes bfloat16 natively (CUDA with bf16, CPUs with "
+        "AVX512-BF16 or AMX)",
+    )
+    fused_loss: bool = Field(
+        True,
+        description="apply the output head only at loss-bearing positions, a chunk at a time, with its gradient "
+        "computed in the same pass: the logits of prompt and padding tokens are never made",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="draw batches of rows of similar length (sorted within random groups of up to 50 batches): "
+        "less padding",
+    )
     gradient_checkpointing: bool = False
     save_steps: int | None = Field(
         50, gt=0, description="checkpoint every N optimizer steps (and at the end); null: only at the end"

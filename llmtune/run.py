@@ -123,6 +123,9 @@ def finetune(
         }
         if data.eval is not None:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        # Mixed precision wrapped the model's forward in autocast; what is saved and used from here on computes
+        # in the model's own dtype.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         # Training ran without a KV cache (see objectives.py); the saved model should generate with one.
         model.config.use_cache = True
         if main_process:

@@ -1,0 +1,360 @@
+"""Training throughput: llmtune's finetune path against the plain TRL + PEFT script a user would write.
+
+For each workload, in one run and in turn, two child processes train LoRA (r=8, alpha=16, dropout 0.05,
+all-linear) on the builtin SmolLM2-135M-Instruct with the same rows, batch size, learning rate, schedule,
+number of optimizer steps and seed:
+
+- baseline: `trl.SFTTrainer` + `peft.LoraConfig` with TRL's defaults (float32, no packing, padded batches,
+  loss on the completion only);
+- llmtune: `llmtune.run.finetune` on the quickstart recipe with its defaults.
+
+Each child reports trained (loss-bearing) tokens per second, tokens seen including padding, the mean
+training loss, and the held-out loss of the result (mean NLL over response tokens, computed for both by
+the same function); the parent adds each child's peak resident memory, the matmul peak of this machine
+measured on the spot (fp32 and bf16), model FLOPs utilisation, and the llmtune / baseline ratios.
+
+    python benchmarks/train_throughput.py --out benchmarks/train_throughput.json
+
+Workloads: `quickstart` (the quickstart rows, ~60 tokens each) and `mixed` (lists of 1 to 28 dates to
+convert, rows of ~50 to ~512 tokens, where padding waste matters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+MODEL = "builtin:smollm2-135m-instruct"
+# Settings shared by both sides; the quickstart recipe has the same ones.
+BATCH_SIZE, LEARNING_RATE, WARMUP, SEED, MAX_LENGTH = 8, 1.0e-3, 5, 0, 512
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
+
+
+# --- workloads -------------------------------------------------------------------------------------
+
+
+def _mixed_rows(n: int, rng: random.Random) -> list[dict]:
+    sys.path.insert(0, str(REPO / "recipes" / "data" / "quickstart"))
+    from make_data import FORMATS
+
+    start, end = datetime.date(1950, 1, 1).toordinal(), datetime.date(2049, 12, 31).toordinal()
+    rows = []
+    for _ in range(n):
+        days = [datetime.date.fromordinal(rng.randint(start, end)) for _ in range(rng.randint(1, 28))]
+        prompt = "Write each date in ISO format (YYYY-MM-DD), one per line:\n" + "\n".join(
+            rng.choice(FORMATS)(d) for d in days
+        )
+        answer = "\n".join(d.isoformat() for d in days)
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def write_workload(name: str, root: Path) -> tuple[Path, Path]:
+    if name == "quickstart":
+        data = REPO / "recipes" / "data" / "quickstart"
+        return data / "train.jsonl", data / "eval.jsonl"
+    rng = random.Random(7)
+    paths = []
+    for split, n in (("train", 320), ("eval", 32)):
+        path = root / f"mixed-{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in _mixed_rows(n, rng)), encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --- children --------------------------------------------------------------------------------------
+
+
+class StepMeter:
+    """Counts tokens and time inside `Trainer.training_step`, identically for both sides."""
+
+    def __init__(self) -> None:
+        self.loss_tokens = self.tokens = self.padded_tokens = self.micro_steps = 0
+        self.start = self.end = None
+        self.lengths: list[int] = []
+
+    def install(self) -> None:
+        from transformers import Trainer
+
+        original = Trainer.training_step
+        meter = self
+
+        def training_step(trainer, model, inputs, num_items_in_batch=None):
+            if meter.start is None:
+                meter.start = time.perf_counter()
+            loss = original(trainer, model, inputs, num_items_in_batch)
+            meter.end = time.perf_counter()
+            labels = inputs["labels"]
+            meter.loss_tokens += int((labels[:, 1:] != -100).sum())
+            meter.padded_tokens += labels.numel()
+            mask = inputs.get("attention_mask")
+            real = mask.sum(1).tolist() if mask is not None else [labels.size(1)] * labels.size(0)
+            meter.tokens += int(sum(real))
+            meter.lengths += [int(x) for x in real]
+            meter.micro_steps += 1
+            return loss
+
+        Trainer.training_step = training_step
+
+    def report(self) -> dict:
+        seconds = self.end - self.start
+        return {
+            "train_seconds": round(seconds, 2),
+            "micro_steps": self.micro_steps,
+            "loss_tokens": self.loss_tokens,
+            "tokens": self.tokens,
+            "tokens_with_padding": self.padded_tokens,
+            "padding_share": round(1 - self.tokens / self.padded_tokens, 4),
+            "trained_tokens_per_s": round(self.loss_tokens / seconds, 2),
+            "tokens_per_s": round(self.tokens / seconds, 2),
+            "mean_row_tokens": round(sum(self.lengths) / len(self.lengths), 1),
+        }
+
+
+def held_out_loss(model, tokenizer, eval_path: Path) -> float:
+    """Mean NLL per response token over the held-out rows, with llmtune's tokenization for both sides."""
+    from llmtune.data import Sample, encode
+    from llmtune.evaluation import response_nll
+
+    encoded = [encode(Sample(messages=r["messages"]), tokenizer) for r in _read_rows(eval_path)]
+    model.float().eval()
+    nll, count = response_nll(model, tokenizer, [e[0] for e in encoded], [e[1] for e in encoded], batch_size=8)
+    return nll / count
+
+
+def run_baseline(train: Path, eval_path: Path, steps: int, workdir: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from llmtune.models import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    # Conversational prompt / completion: TRL applies the chat template and takes loss on the completion only.
+    rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in _read_rows(train)]
+    args = SFTConfig(
+        output_dir=str(workdir / "baseline"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        warmup_steps=WARMUP,
+        seed=SEED,
+        data_seed=SEED,
+        max_length=MAX_LENGTH,
+        bf16=False,  # the plain script in float32, as the issue's baseline
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+    )
+    peft_config = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    meter = StepMeter()
+    meter.install()
+    output = trainer.train()
+    return {
+        **meter.report(),
+        "train_loss": output.training_loss,
+        "eval_loss": held_out_loss(trainer.model, tokenizer, eval_path),
+    }
+
+
+def run_llmtune(train: Path, eval_path: Path, steps: int, workdir: Path) -> dict:
+    from llmtune.models import load_tuned
+    from llmtune.run import finetune
+
+    overrides = [
+        f"data.train={train}",
+        f"data.eval={eval_path}",
+        f"data.max_length={MAX_LENGTH}",
+        f"training.max_steps={steps}",
+        "training.save_steps=null",
+        "training.logging_steps=5",
+        f"output.dir={workdir / 'llmtune'}",
+    ]
+    meter = StepMeter()
+    meter.install()
+    result = finetune(QUICKSTART, overrides)
+    model, tokenizer = load_tuned(result.run.path)
+    return {
+        **meter.report(),
+        "train_loss": result.metrics["train_loss"],
+        "eval_loss": held_out_loss(model, tokenizer, eval_path),
+        "recipe_settings": _lever_settings(result),
+    }
+
+
+def _lever_settings(result) -> dict:
+    t = result.run.recipe().training
+    return {"bf16": t.bf16, "fused_loss": t.fused_loss, "group_by_length": t.group_by_length}
+
+
+CHILDREN = {"baseline": run_baseline, "llmtune": run_llmtune}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+    report = CHILDREN[args.child](args.train, args.eval, args.steps, args.workdir)
+    args.result.write_text(json.dumps(report), encoding="utf-8")
+
+
+def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path) -> dict:
+    result = workdir / f"{side}.json"
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--train",
+        str(train),
+        "--eval",
+        str(eval_path),
+        "--steps",
+        str(steps),
+        "--workdir",
+        str(workdir),
+        "--result",
+        str(result),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{side} child failed:\n{process.stderr.read()[-4000:]}")
+    report = json.loads(result.read_text(encoding="utf-8"))
+    report["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
+    return report
+
+
+# --- FLOPs and the machine's peak ------------------------------------------------------------------
+
+
+def measure_matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n matmul in `dtype_name` on this machine, best of `repeats`."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def model_flops(report: dict) -> float:
+    """FLOPs the LoRA step needs for the tokens this side trained on, whatever it computed beyond them.
+
+    Per token in the blocks: forward 2N, backward with respect to the activations 2N (the frozen weights
+    get no gradient; LoRA's own weights are under 0.5% of N and left out). Attention adds, per token and
+    layer, 4 * d * c forward (scores and weighted sum over c attended positions, c = (len + 1) / 2 under the
+    causal mask) and twice that backward. The output head (vocab x d) is needed only at loss-bearing
+    positions: 2 * V * d forward and 2 * V * d backward there.
+    """
+    from transformers import AutoConfig
+
+    from llmtune.models import resolve_checkpoint
+
+    c = AutoConfig.from_pretrained(resolve_checkpoint(MODEL))
+    d, layers, ff, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    kv = d // c.num_attention_heads * c.num_key_value_heads
+    block_params = layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
+    attended = (report["mean_row_tokens"] + 1) / 2
+    per_token = 4 * block_params + 3 * 4 * layers * d * attended
+    return report["tokens"] * per_token + report["loss_tokens"] * 4 * vocab * d
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side and workload")
+    parser.add_argument("--workloads", nargs="*", default=["quickstart", "mixed"])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
+    parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--eval", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+
+    import torch
+    import transformers
+    import trl
+
+    peaks = {dtype: round(measure_matmul_peak(dtype), 1) for dtype in ("float32", "bfloat16")}
+    results = {
+        "machine": {"cpu_threads": torch.get_num_threads(), "matmul_peak_gflops": peaks},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "settings": {
+            "model": MODEL,
+            "steps": args.steps,
+            "batch_size": BATCH_SIZE,
+            "learning_rate": LEARNING_RATE,
+            "lora": LORA,
+            "max_length": MAX_LENGTH,
+        },
+        "workloads": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.workloads:
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            train, eval_path = write_workload(name, workdir)
+            sides = {side: spawn(side, train, eval_path, args.steps, workdir) for side in CHILDREN}
+            for report in sides.values():
+                achieved = model_flops(report) / report["train_seconds"] / 1e9
+                report["model_gflops_per_s"] = round(achieved, 1)
+                report["mfu_vs_bf16_peak"] = round(achieved / peaks["bfloat16"], 3)
+                report["mfu_vs_fp32_peak"] = round(achieved / peaks["float32"], 3)
+            fast, base = sides["llmtune"], sides["baseline"]
+            sides["ratio_llmtune_over_baseline"] = {
+                "trained_tokens_per_s": round(fast["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2),
+                "peak_rss": round(fast["peak_rss_mib"] / base["peak_rss_mib"], 2),
+                "eval_loss": round(fast["eval_loss"] / base["eval_loss"], 4),
+            }
+            results["workloads"][name] = sides
+            print(json.dumps({name: sides["ratio_llmtune_over_baseline"]}), flush=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

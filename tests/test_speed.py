@@ -1,0 +1,196 @@
+"""Speed levers leave the numbers alone: the targeted (fused) loss equals plain cross-entropy over full logits
+in value and gradients, for every kind of head; bf16 autocast is resolved as documented; length grouping
+cuts padding; and a finetune with every lever on follows the same loss curve as one with every lever off.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import chat_rows, write_jsonl
+
+import llmtune.run
+from llmtune.data import IGNORE_INDEX
+from llmtune.evaluation import pad_batch
+from llmtune.loss import TargetedLoss
+from llmtune.methods import METHODS
+from llmtune.models import load_model, load_tokenizer
+from llmtune.recipe import load_recipe
+from llmtune.run import finetune
+from llmtune.training import use_bf16
+
+
+def _batch(tokenizer, n: int = 5):
+    from llmtune.data import Sample, encode
+
+    rows = []
+    for row in chat_rows(n):
+        ids, labels = encode(Sample(messages=row["messages"]), tokenizer)
+        rows.append((ids, labels))
+    ids, attn = pad_batch([r[0] for r in rows], tokenizer.pad_token_id, left=False)
+    labels, _ = pad_batch([r[1] for r in rows], IGNORE_INDEX, left=False)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _plain_loss(model, batch, num_items=None):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -batch["labels"].size(1) :].float()
+    targets = batch["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (num_items if num_items is not None else (targets != IGNORE_INDEX).sum())
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+CASES = {
+    # (tiny arch, method): the plain linear head (frozen and trained, tied and untied), a LoRA-wrapped head,
+    # and virtual tokens in front of the sequence.
+    "lora-llama": ("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0}),
+    "full-gpt2-tied": ("tiny:gpt2", {"name": "full"}),
+    "head-llama": ("tiny:llama", {"name": "head"}),
+    "lora-on-lm-head": (
+        "tiny:llama",
+        {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": ["q_proj", "lm_head"]},
+    ),
+    "prompt-tuning": ("tiny:llama", {"name": "prompt", "num_virtual_tokens": 3}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_targeted_loss_matches_cross_entropy_over_full_logits(case, autocast, one_torch_thread):
+    from pydantic import TypeAdapter
+
+    from llmtune.recipe import MethodSpec
+
+    ref, method = CASES[case]
+    spec = TypeAdapter(MethodSpec).validate_python(method)
+    tokenizer = load_tokenizer(ref)
+    torch.manual_seed(0)
+    model = METHODS[spec.name](spec, load_model(ref), tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # LoRA's B starts at zero: make every gradient path non-trivial
+    model.eval()  # GPT-2's dropout would draw different masks for the two losses; gradients flow all the same
+    batch = _batch(tokenizer)
+    targeted = TargetedLoss(model, chunk_size=7)  # several chunks, the last one partial
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain, plain_grads = _loss_and_grads(model, lambda: _plain_loss(model, batch, num_items=50))
+        fused, fused_grads = _loss_and_grads(model, lambda: targeted(model, batch, 50))
+    tolerance = 2e-2 if autocast else 1e-5
+    assert fused == pytest.approx(plain, rel=tolerance)
+    assert plain_grads.keys() == fused_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().item()
+        assert scale > 0, name
+        assert (fused_grads[name] - grad).abs().max().item() <= tolerance * scale, name
+    # Outside a loss call the head is the model's own: generation and evaluation see full logits.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape[-2:] == (batch["input_ids"].size(1) + (3 if case == "prompt-tuning" else 0), len(tokenizer))
+
+
+def test_targeted_loss_in_a_pack_never_predicts_across_rows(one_torch_thread):
+    model = load_model("tiny:llama")
+    targeted = TargetedLoss(model)
+    a, b = [5, 6, 7, 8], [9, 10, 11]
+    # Every token carries loss, so the boundary position (8 -> 9) would count if the pack were not respected.
+    pack = {
+        "input_ids": torch.tensor([a + b]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2]]),
+        "labels": torch.tensor([a + b]),
+    }
+    with torch.no_grad():
+        packed = targeted(model, pack, num_items=1).item()
+        separate = sum(
+            targeted(model, {"input_ids": torch.tensor([r]), "labels": torch.tensor([r])}, num_items=1).item()
+            for r in (a, b)
+        )
+    assert packed == pytest.approx(separate, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("training", "method", "expected"),
+    [
+        ({"bf16": True}, "lora", True),
+        ({"bf16": False}, "lora", False),
+        ({"bf16": "auto", "dtype": "bfloat16"}, "lora", False),
+        ({"bf16": "auto"}, "qlora", False),
+    ],
+)
+def test_bf16_setting_resolves_as_documented(make_recipe, training, method, expected):
+    recipe = load_recipe(make_recipe(method={"name": method}, training={"max_steps": 1, **training}))
+    assert use_bf16(recipe) is expected
+
+
+def test_bf16_auto_follows_the_cpu(make_recipe, monkeypatch):
+    recipe = load_recipe(make_recipe(training={"max_steps": 1}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        assert use_bf16(recipe) is native
+
+
+def test_length_grouping_cuts_padding(make_recipe, monkeypatch, tmp_path):
+
+    # Lengths from one to forty words, shuffled: random batches mix short and long rows. Enough rows for the
+    # sampler to sort groups of several batches at once (it keeps at least four groups).
+    words = [" ".join(["ab"] * (1 + (i * 17) % 40)) for i in range(320)]
+    rows = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": "ok"}]} for w in words]
+    write_jsonl(tmp_path / "long.jsonl", rows)
+    waste = {}
+    for grouped in (True, False):
+        trainers = []
+
+        def build(*args, trainers=trainers, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+            trainer = real(*args, **kwargs)
+            trainers.append(trainer)
+            return trainer
+
+        monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+        path = make_recipe(
+            f"group-{grouped}",
+            data={"train": str(tmp_path / "long.jsonl"), "eval_split": 0.0, "format": "chat", "max_length": 256},
+            training={"max_steps": 1, "batch_size": 8, "group_by_length": grouped, "bf16": False},
+        )
+        finetune(path)
+        padded = real_tokens = 0
+        for batch in trainers[0].get_train_dataloader():
+            padded += batch["attention_mask"].numel()
+            real_tokens += int(batch["attention_mask"].sum())
+        waste[grouped] = 1 - real_tokens / padded
+    assert waste[True] < 0.1 < waste[False], waste
+
+
+def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
+    curves = {}
+    for name, fast in (("fast", True), ("plain", False)):
+        path = make_recipe(
+            name,
+            training={
+                "max_steps": 4,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+                "logging_steps": 1,
+                "bf16": fast,
+                "fused_loss": fast,
+                "group_by_length": False,
+            },
+        )
+        run = finetune(path).run
+        log = [json.loads(line) for line in (run.path / "trainer_log.jsonl").read_text().splitlines()]
+        curves[name] = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(curves["fast"]) == len(curves["plain"]) == 4
+    # bf16 matmuls round to 8 bits of mantissa: the curves agree to well under a percent, not bit for bit.
+    assert curves["fast"] == pytest.approx(curves["plain"], rel=1e-2)
+    assert curves["fast"] != curves["plain"]
