@@ -345,6 +345,12 @@ def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedMode
     recipe = run.recipe()
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
     kind = recipe.objective.model_kind
+    if recipe.method.name == "adapter":
+        from llmtune.bottleneck import load_adapters
+
+        # A run keeps the adapters alone in adapter/; a checkpoint holds the Trainer's whole-model save.
+        weights = run.adapter if run.adapter.is_dir() else run.model
+        return load_adapters(load_base_model(recipe), recipe.method, weights), tokenizer
     if run.adapter.is_dir():
         from peft import PeftModel
 

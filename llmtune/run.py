@@ -206,7 +206,12 @@ def _save_weights(run: RunDir, model: Any, recipe: Recipe) -> None:
     target = run.adapter if recipe.method.name in ADAPTER_METHODS else run.model
     # Staged, so a crash while writing never leaves a half-written adapter where eval would load it.
     with artifacts.staged_dir(target) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        if recipe.method.name == "adapter":
+            from llmtune.bottleneck import save_adapters
+
+            save_adapters(model, staging, recipe.method)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
 
 
 def _print_data_report(report: dict[str, Any], max_length: int) -> None:
