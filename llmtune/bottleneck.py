@@ -83,10 +83,11 @@ def find_targets(model: nn.Module, placement: str) -> list[str]:
 
 
 def _block_children(model: nn.Module) -> list[str]:
-    """Child names of the first module in the model's longest ModuleList (its blocks), else of the model."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    block = max(lists, key=len)[0] if lists else model
-    return [name for name, _ in block.named_children()]
+    """Child names of the modules in the model's ModuleLists (its blocks and their parts), else of the model."""
+    names = {
+        name for m in model.modules() if isinstance(m, nn.ModuleList) for item in m for name, _ in item.named_children()
+    }
+    return sorted(names) or [name for name, _ in model.named_children()]
 
 
 def add_adapters(model: nn.Module, spec: AdapterSpec) -> list[str]:
