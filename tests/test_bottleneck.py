@@ -7,6 +7,7 @@ cases of tests/test_methods.py; its compatibility-matrix cells are in tests/test
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,13 +99,15 @@ def test_checkpoints_carry_the_adapters_and_resume_reproduces_the_uninterrupted_
             "batch_size": 4,
             "learning_rate": 1e-2,
             "seed": 0,
-            "logging_steps": 1,
+            # Windows of 3 that do not end at checkpoint-2: the checkpoint logs its own window.
+            "logging_steps": 3,
             "save_steps": 2,
             "keep_checkpoints": None,
         },
     )
     run = finetune(recipe).run.path
     uninterrupted = load_file(run / artifacts.ADAPTER_DIR / WEIGHTS_FILE)
+    uninterrupted_metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
     checkpoint = run / "checkpoint-2"
 
     # A checkpoint loads on its own (eval / generate on it), with the step-2 adapters: trained, not final.
@@ -119,3 +122,8 @@ def test_checkpoints_carry_the_adapters_and_resume_reproduces_the_uninterrupted_
     assert resumed.keys() == uninterrupted.keys() and len(resumed) == 16  # 4 adapters x down/up x weight/bias
     worst = max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed)
     assert worst <= 1e-6
+    # The mean loss reported is over all 4 steps, as in the uninterrupted run, not over the 2 resumed ones.
+    metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
+    assert metrics["train_loss"] == pytest.approx(uninterrupted_metrics["train_loss"], abs=1e-6)
+    logged = [(e["step"], e["loss"]) for e in map(json.loads, (run / artifacts.TRAINER_LOG_FILE).open()) if "loss" in e]
+    assert [step for step, _ in logged] == [2, 3, 4]
