@@ -34,6 +34,13 @@ class MergeResult:
 def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite: bool = False) -> MergeResult:
     run = open_run(run_path)
     method = run.recipe().method.name
+    if method == "adapter":
+        raise LLMTuneError(
+            f"{run_path}: bottleneck adapters are extra layers with a non-linearity between their projections, "
+            "not a linear change to any weight, so there is nothing to merge into the base; serve the run "
+            f"directory itself: llmtune generate {run_path} '...' / llmtune eval {run_path} (both re-insert the "
+            f"adapters from {run.adapter} into the base model)"
+        )
     if method in UNMERGEABLE_METHODS:
         raise LLMTuneError(
             f"{run_path}: {_DESCRIBED[method]} learns virtual tokens fed in front of every input, not a change to "

@@ -1,7 +1,8 @@
 """The tuning-method registry: recipe `method.name` -> builder(spec, model, tokenizer) -> model ready to train.
 
-peft methods return a PeftModel whose run directory holds only the adapter. The others (full, bitfit,
-head, layers) choose which of the model's own parameters train, and the run saves the whole model.
+peft methods return a PeftModel whose run directory holds only the adapter; so does `adapter`, which inserts
+llmtune's own bottleneck adapters (llmtune.bottleneck). The others (full, bitfit, head, layers) choose which
+of the model's own parameters train, and the run saves the whole model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from llmtune.errors import LLMTuneError, first_line
 from llmtune.recipe import (
+    AdapterSpec,
     BitFitSpec,
     DoraSpec,
     FullSpec,
@@ -159,6 +161,25 @@ def _check_modules_exist(model: PreTrainedModel, names: list[str]) -> None:
         )
 
 
+def build_adapter(
+    spec: AdapterSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
+    from llmtune.bottleneck import add_adapters
+
+    if task_type != "CAUSAL_LM":
+        # The run saves the adapters alone; a new task head would start random and not be saved with them.
+        raise LLMTuneError(
+            f"method adapter: trains language models only (the objective needs a {task_type} model); use lora"
+        )
+    targets = add_adapters(model, spec)
+    kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    print(
+        f"method adapter: {spec.placement} bottleneck adapters after {', '.join(kinds)}: {len(targets)} modules "
+        f"({targets[0]} ... {targets[-1]})"
+    )
+    return model
+
+
 def _is_linear(module) -> bool:
     import torch
 
@@ -253,13 +274,16 @@ METHODS: dict[str, Callable] = {
     "prefix": build_prefix,
     "prompt": build_prompt,
     "p-tuning": build_ptuning,
+    "adapter": build_adapter,
     "bitfit": build_bitfit,
     "head": build_head,
     "layers": build_layers,
     "full": build_full,
 }
 
-# Methods whose run directory holds a peft adapter over an unchanged base (the rest save a whole model).
-ADAPTER_METHODS = frozenset({"lora", "qlora", "dora", "ia3", "prefix", "prompt", "p-tuning"})
-# Adapters that are extra tokens, not weight deltas: nothing to fold into the weights.
-UNMERGEABLE_METHODS = frozenset({"prefix", "prompt", "p-tuning"})
+# Methods whose run directory holds an adapter over an unchanged base (the rest save a whole model): peft's,
+# or llmtune's own bottleneck adapters (llmtune.bottleneck).
+ADAPTER_METHODS = frozenset({"lora", "qlora", "dora", "ia3", "prefix", "prompt", "p-tuning", "adapter"})
+# Adapters that are not a linear change to any weight (extra tokens, or layers with a non-linearity): nothing
+# to fold into the weights.
+UNMERGEABLE_METHODS = frozenset({"prefix", "prompt", "p-tuning", "adapter"})

@@ -119,9 +119,20 @@ def load_model(
             return model
         # bitsandbytes quantizes while loading weights, so give the in-process model a checkpoint to load from.
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
+            _write_checkpoint(model, Path(tmp))
             return _from_hub_or_disk(loader, tmp, ref, **kwargs)
     return _from_hub_or_disk(loader, resolve_checkpoint(ref), ref, **kwargs)
+
+
+def _write_checkpoint(model: PreTrainedModel, directory: Path) -> None:
+    """What save_pretrained writes, on every process: under torch.distributed save_pretrained writes on rank 0
+    only, and each process loads from its own temporary directory."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    # save_model drops the second name of tied weights (GPT-2's head), which from_pretrained re-ties.
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
@@ -345,6 +356,12 @@ def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedMode
     recipe = run.recipe()
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
     kind = recipe.objective.model_kind
+    if recipe.method.name == "adapter":
+        from llmtune.bottleneck import load_adapters
+
+        # A run keeps the adapters alone in adapter/; a checkpoint holds the Trainer's whole-model save.
+        weights = run.adapter if run.adapter.is_dir() else run.model
+        return load_adapters(load_base_model(recipe), recipe.method, weights), tokenizer
     if run.adapter.is_dir():
         from peft import PeftModel
 

@@ -101,6 +101,19 @@ class PTuningSpec(_Spec):
     encoder_hidden_size: int = Field(128, gt=0)
 
 
+class AdapterSpec(_Spec):
+    name: Literal["adapter"]
+    placement: Literal["pfeiffer", "houlsby"] = Field(
+        "pfeiffer", description="pfeiffer: after each block's feed-forward; houlsby: after its attention too (2x)"
+    )
+    reduction_factor: int = Field(
+        16, gt=0, description="bottleneck width = hidden size / reduction_factor; lower = more capacity"
+    )
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        "relu", description="between the down- and up-projection"
+    )
+
+
 class BitFitSpec(_Spec):
     name: Literal["bitfit"]
 
@@ -142,6 +155,7 @@ MethodSpec = Annotated[
         PrefixSpec,
         PromptSpec,
         PTuningSpec,
+        AdapterSpec,
         BitFitSpec,
         HeadSpec,
         LayersSpec,

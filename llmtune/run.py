@@ -22,6 +22,7 @@ from llmtune.objectives import OBJECTIVES, check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
 from llmtune.training import (
+    LogAtSaveCallback,
     SaveAtEndCallback,
     StopOnSignalCallback,
     StopRequested,
@@ -100,7 +101,12 @@ def finetune(
         tokenizer,
         data,
         run.path,
-        callbacks=[_jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE)), SaveAtEndCallback(), stop],
+        callbacks=[
+            _jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE)),
+            SaveAtEndCallback(),
+            stop,
+            LogAtSaveCallback(),
+        ],
     )
     trainer.llmtune_keep_checkpoints = recipe.training.keep_checkpoints
     trainer.llmtune_recipe_file = run.file(artifacts.RECIPE_FILE)
@@ -113,9 +119,10 @@ def finetune(
                 f"{stop.requested}: stopped after step {trainer.state.global_step} with a checkpoint in {run.path}; "
                 f"resume with: llmtune finetune {recipe_path}{_set_flags(overrides)} --resume"
             )
-        check_finite(train_output.training_loss, "the mean training loss")
+        train_loss = _whole_run_mean_loss(trainer.state, train_output.training_loss, checkpoint)
+        check_finite(train_loss, "the mean training loss")
         metrics: dict[str, Any] = {
-            "train_loss": train_output.training_loss,
+            "train_loss": train_loss,
             "steps": train_output.global_step,
             "train_seconds": round(time.time() - started, 2),
             "parameters": counts,
@@ -192,6 +199,26 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
 
 
+def _whole_run_mean_loss(state: Any, trainer_mean: float, checkpoint: Path | None) -> float:
+    """The mean training loss over every step of the run, also when it resumed from `checkpoint`.
+
+    The Trainer averages over the steps it ran itself. The steps before the checkpoint are in the log
+    history restored from it, one entry per logging window, the last one ending at the checkpoint
+    (LogAtSaveCallback); each entry is its window's mean.
+    """
+    if checkpoint is None:
+        return trainer_mean
+    resumed_at = _checkpoint_step(checkpoint)
+    total, previous = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and previous < entry["step"] <= resumed_at:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    if previous != resumed_at:
+        return trainer_mean  # a checkpoint whose log does not reach it: the earlier steps are unknown
+    return (total + trainer_mean * (state.global_step - resumed_at)) / state.global_step
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint, so the resumed run's curve continues without repeats."""
     if not path.is_file():
@@ -209,7 +236,12 @@ def _save_weights(run: RunDir, model: Any, recipe: Recipe) -> None:
     target = run.adapter if recipe.method.name in ADAPTER_METHODS else run.model
     # Staged, so a crash while writing never leaves a half-written adapter where eval would load it.
     with artifacts.staged_dir(target) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        if recipe.method.name == "adapter":
+            from llmtune.bottleneck import save_adapters
+
+            save_adapters(model, staging, recipe.method)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
 
 
 def _print_data_report(report: dict[str, Any], max_length: int) -> None:

@@ -161,6 +161,16 @@ class SaveAtEndCallback(TrainerCallback):
         return control
 
 
+class LogAtSaveCallback(TrainerCallback):
+    """Log the loss at every checkpoint (listed after every callback that asks for one), so a checkpoint's log
+    history covers every step before it and a resumed run can report the whole run's mean loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+        return control
+
+
 class StopOnSignalCallback(TrainerCallback):
     """On the first SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one kills at once."""
 

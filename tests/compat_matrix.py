@@ -33,6 +33,10 @@ _NO_MERGE = (
     "learns virtual tokens, not a weight change: `merge-adapter` refuses (at merge time) and says to serve "
     "the run directory with `generate` / `eval`"
 )
+_NONLINEAR = (
+    "adapter layers with a non-linearity, not a linear weight change: `merge-adapter` refuses (at merge time) "
+    "and says to serve the run directory with `generate` / `eval`, which re-insert the adapters"
+)
 _PACK = "virtual tokens go in front of each sequence: in a pack only the first row would get them"
 _PREFIX_GC = "prefixes reach the layers through the key/value cache, which gradient checkpointing switches off"
 _DEQUANT = "the 4-bit base is dequantized to the compute dtype, then merged"
@@ -59,6 +63,7 @@ MATRIX: dict[str, dict[str, tuple[str, str]]] = {
     ),
     "prompt": _row(packing=(REFUSED, _PACK), qlora_base=(NA, _QUANT_ADAPTER), merge=(REFUSED, _NO_MERGE)),
     "p-tuning": _row(packing=(REFUSED, _PACK), qlora_base=(NA, _QUANT_ADAPTER), merge=(REFUSED, _NO_MERGE)),
+    "adapter": _row(qlora_base=(NA, _QUANT_ADAPTER), merge=(REFUSED, _NONLINEAR)),
     "bitfit": _row(sft=(TESTED, _BIASES), qlora_base=(NA, _QUANT_OWN), merge=(NA, _STANDALONE)),
     "head": _row(sft=(TESTED, _TIED), qlora_base=(NA, _QUANT_OWN), merge=(NA, _STANDALONE)),
     "layers": _row(qlora_base=(NA, _QUANT_OWN), merge=(NA, _STANDALONE)),

@@ -156,6 +156,22 @@ def _check_head_copy(model, tokenizer):
     assert "base_model.model.lm_head.original_module.weight" not in names
 
 
+def _check_adapters(n_adapters: int, reduction_factor: int):
+    def check(model, tokenizer):
+        hidden = model.config.hidden_size
+        adapters = [m for n, m in model.named_modules() if n.endswith(".bottleneck_adapter")]
+        assert len(adapters) == n_adapters
+        width = hidden // reduction_factor
+        assert {(a.down.in_features, a.down.out_features, a.up.out_features) for a in adapters} == {
+            (hidden, width, hidden)
+        }
+        # down (weight + bias) and up (weight + bias) per adapter: nothing else trains.
+        per_adapter = hidden * width + width + width * hidden + hidden
+        assert parameter_counts(model)["trainable"] == n_adapters * per_adapter
+
+    return check
+
+
 def _no_check(model, tokenizer):
     pass
 
@@ -210,6 +226,13 @@ BUILD_CASES: dict[str, tuple[str, dict[str, Any], Callable[[str], bool], Callabl
     ),
     "p-tuning": (LLAMA, {"name": "p-tuning"}, lambda n: "prompt_encoder" in n, _no_check),
     "p-tuning-lstm": (LLAMA, {"name": "p-tuning", "encoder": "lstm"}, lambda n: "prompt_encoder" in n, _no_check),
+    "adapter": (LLAMA, {"name": "adapter"}, lambda n: ".mlp.bottleneck_adapter." in n, _check_adapters(2, 16)),
+    "adapter-houlsby-gpt2": (
+        GPT2,
+        {"name": "adapter", "placement": "houlsby", "reduction_factor": 8, "non_linearity": "gelu"},
+        lambda n: re.search(r"^transformer\.h\.[01]\.(attn|mlp)\.bottleneck_adapter\.", n) is not None,
+        _check_adapters(4, 8),
+    ),
     "bitfit-gpt2": (GPT2, {"name": "bitfit"}, lambda n: n.endswith(".bias"), _no_check),
     "head-llama": (LLAMA, {"name": "head"}, lambda n: n == "lm_head.weight", _no_check),
     "head-gpt2-untie": (GPT2, {"name": "head"}, lambda n: n == "lm_head.weight", _check_untied),
@@ -318,6 +341,22 @@ RECIPE_ERRORS = [
         id="prefix-with-gradient-checkpointing",
     ),
     pytest.param({"name": "layers", "pattern": "("}, {}, ["pattern", "regex"], id="layers-bad-regex"),
+    pytest.param(
+        {"name": "adapter", "reduction_factor": 0}, {}, ["method.reduction_factor", "greater than 0"], id="adapter-rf-0"
+    ),
+    pytest.param(
+        {"name": "adapter", "placement": "after"},
+        {},
+        ["method.placement", "pfeiffer", "houlsby"],
+        id="adapter-placement",
+    ),
+    pytest.param(
+        {"name": "adapter", "non_linearity": "swish"}, {}, ["method.non_linearity", "relu"], id="adapter-activation"
+    ),
+    pytest.param({"name": "adapter", "r": 4}, {}, ["method.r", "lora", "'adapter'"], id="adapter-given-r"),
+    pytest.param(
+        {"name": "lora", "reduction_factor": 4}, {}, ["method.reduction_factor", "adapter"], id="lora-given-rf"
+    ),
     pytest.param({"name": "layers", "last_k": 0}, {}, ["method.last_k"], id="layers-last_k-0"),
     pytest.param({"name": "head", "tied": "both"}, {}, ["method.tied", "untie", "shared"], id="head-bad-tied"),
     pytest.param(
@@ -384,6 +423,12 @@ BUILDER_ERRORS = [
     pytest.param(
         LLAMA, {"name": "layers", "last_k": 3}, ["method.last_k", "3", "2 blocks"], id="layers-last_k-too-big"
     ),
+    pytest.param(
+        LLAMA,
+        {"name": "adapter", "reduction_factor": 128},
+        ["method.reduction_factor", "128", "hidden size is 64"],
+        id="adapter-reduction-wider-than-hidden",
+    ),
 ]
 
 
@@ -438,6 +483,8 @@ E2E_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "prompt": (LLAMA, {"name": "prompt"}, {}),
     "prompt-text": (LLAMA, {"name": "prompt", "init": "text", "init_text": "Count:", "num_virtual_tokens": 8}, {}),
     "p-tuning": (LLAMA, {"name": "p-tuning"}, {}),
+    "adapter": (LLAMA, {"name": "adapter"}, {}),
+    "adapter-houlsby-gpt2": (GPT2, {"name": "adapter", "placement": "houlsby", "non_linearity": "gelu"}, {}),
     "bitfit": (GPT2, {"name": "bitfit"}, {}),
     "head": (GPT2, {"name": "head"}, {}),
     "head-shared": (GPT2, {"name": "head", "tied": "shared"}, {}),
@@ -563,7 +610,9 @@ def test_run_directory_holds_adapter_or_model(trained, case: str):
     manifest = json.loads((t.run / artifacts.MANIFEST_FILE).read_text())
     assert manifest["status"] == "completed"
     if method_of(case) in ADAPTER_METHODS:
-        assert (t.run / "adapter" / "adapter_config.json").is_file()
+        # peft writes adapter_config.json; llmtune's bottleneck adapters their own config.
+        config = "bottleneck_config.json" if method_of(case) == "adapter" else "adapter_config.json"
+        assert (t.run / "adapter" / config).is_file()
         assert not (t.run / "model").exists()
     else:
         assert (t.run / "model" / "config.json").is_file()
@@ -660,7 +709,7 @@ def test_merge_adapter_folds_the_adapter_into_a_plain_model(trained, tmp_path: P
 
 
 @pytest.mark.parametrize("case", UNMERGEABLE)
-def test_merge_adapter_refuses_virtual_token_methods(trained, tmp_path: Path, case: str):
+def test_merge_adapter_refuses_unmergeable_methods(trained, tmp_path: Path, case: str):
     t = trained(case)
     with expect_error("nothing to merge", "generate"):
         merge_adapter(t.run, tmp_path / "merged")

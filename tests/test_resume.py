@@ -392,12 +392,6 @@ def test_resumed_log_has_one_training_summary(e2e: E2E):
     assert summaries == [STEPS]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: metrics.json train_loss of a resumed run is the Trainer's mean over the steps trained since the "
-    "resume only, not over the whole run as in an uninterrupted run",
-)
 def test_resumed_metrics_report_the_whole_runs_mean_loss(e2e: E2E):
     killed = e2e.killed["lora"]
     killed.check_resumed()

@@ -1,0 +1,129 @@
+"""Bottleneck adapters (llmtune.bottleneck): the start equals the base, save/load round trips, checkpoints carry
+the adapters so a resumed run reproduces the uninterrupted one, and models without blocks are refused.
+
+The method's catalogue checks (trainable set, eval --compare-base, generate, merge refusal, bad options) are
+cases of tests/test_methods.py; its compatibility-matrix cells are in tests/test_compat.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import expect_error
+from safetensors.torch import load_file
+
+from llmtune import artifacts
+from llmtune.bottleneck import CONFIG_FILE, WEIGHTS_FILE, add_adapters, load_adapters, save_adapters
+from llmtune.methods import METHODS
+from llmtune.models import load_model, load_tokenizer, load_tuned
+from llmtune.recipe import AdapterSpec
+from llmtune.run import finetune
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 53, 54]])
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model.eval()(input_ids=IDS).logits
+
+
+def adapted(ref: str, **options) -> tuple[torch.nn.Module, AdapterSpec]:
+    spec = AdapterSpec(name="adapter", **options)
+    return METHODS["adapter"](spec, load_model(ref), load_tokenizer(ref)), spec
+
+
+def perturb(model) -> None:
+    """Give every adapter weight (the zero up-projections too) random values, as training would."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("ref", ["tiny:llama", "tiny:gpt2"])
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_adapted_model_starts_equal_to_its_base(ref: str, placement: str):
+    base = logits(load_model(ref))
+    model, _ = adapted(ref, placement=placement)
+    assert torch.equal(logits(model), base)
+    perturb(model)
+    assert (logits(model) - base).abs().max() > 1e-3, "the adapters do not reach the output"
+
+
+@pytest.mark.parametrize("ref", ["tiny:llama", "tiny:gpt2"])
+def test_saved_adapters_reload_into_a_fresh_base_with_identical_logits(tmp_path: Path, ref: str):
+    model, spec = adapted(ref, placement="houlsby", non_linearity="tanh")
+    perturb(model)
+    expected = logits(model)
+    save_adapters(model, tmp_path, spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    # Only the adapters are written, not the base weights.
+    assert all(".bottleneck_adapter." in key for key in load_file(tmp_path / WEIGHTS_FILE))
+    reloaded = load_adapters(load_model(ref), spec, tmp_path)
+    assert torch.equal(logits(reloaded), expected)
+
+
+def test_adapters_saved_for_other_modules_are_refused(tmp_path: Path):
+    model, spec = adapted("tiny:llama", placement="houlsby")
+    save_adapters(model, tmp_path, spec)
+    with expect_error(str(tmp_path), "model.layers.0.self_attn", "model.layers.0.mlp"):
+        load_adapters(load_model("tiny:llama"), spec.model_copy(update={"placement": "pfeiffer"}), tmp_path)
+
+
+def test_a_model_without_attention_and_feed_forward_blocks_is_refused_naming_what_it_has():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=2)
+    named = ("self_attn", "mlp", "SelfAttention", "DenseReluDense")
+    with expect_error("method adapter", "T5ForConditionalGeneration", *named):
+        add_adapters(T5ForConditionalGeneration(config), AdapterSpec(name="adapter"))
+
+
+def test_an_objective_with_a_task_head_is_refused():
+    with expect_error("method adapter", "SEQ_CLS", "lora"):
+        METHODS["adapter"](AdapterSpec(name="adapter"), load_model("tiny:llama"), None, task_type="SEQ_CLS")
+
+
+def test_checkpoints_carry_the_adapters_and_resume_reproduces_the_uninterrupted_run(make_recipe):
+    recipe = make_recipe(
+        "adapter",
+        method={"name": "adapter", "placement": "houlsby"},
+        training={
+            "max_steps": 4,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "seed": 0,
+            # Windows of 3 that do not end at checkpoint-2: the checkpoint logs its own window.
+            "logging_steps": 3,
+            "save_steps": 2,
+            "keep_checkpoints": None,
+        },
+    )
+    run = finetune(recipe).run.path
+    uninterrupted = load_file(run / artifacts.ADAPTER_DIR / WEIGHTS_FILE)
+    uninterrupted_metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
+    checkpoint = run / "checkpoint-2"
+
+    # A checkpoint loads on its own (eval / generate on it), with the step-2 adapters: trained, not final.
+    at_step_2, _ = load_tuned(checkpoint)
+    final, _ = load_tuned(run)
+    base = logits(load_model("tiny:llama"))
+    assert (logits(at_step_2) - base).abs().max() > 0
+    assert (logits(at_step_2) - logits(final)).abs().max() > 0
+
+    finetune(recipe, resume=checkpoint)
+    resumed = load_file(run / artifacts.ADAPTER_DIR / WEIGHTS_FILE)
+    assert resumed.keys() == uninterrupted.keys() and len(resumed) == 16  # 4 adapters x down/up x weight/bias
+    worst = max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed)
+    assert worst <= 1e-6
+    # The mean loss reported is over all 4 steps, as in the uninterrupted run, not over the 2 resumed ones.
+    metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
+    assert metrics["train_loss"] == pytest.approx(uninterrupted_metrics["train_loss"], abs=1e-6)
+    logged = [(e["step"], e["loss"]) for e in map(json.loads, (run / artifacts.TRAINER_LOG_FILE).open()) if "loss" in e]
+    assert [step for step, _ in logged] == [2, 3, 4]
