@@ -1,4 +1,4 @@
-"""Metrics as pure functions of numbers and strings. Every score but perplexity is on a 0-100 scale."""
+"""Metrics as pure functions of numbers and strings. Every score but perplexity and margins is on a 0-100 scale."""
 
 from __future__ import annotations
 
@@ -44,3 +44,18 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     """Percentage of predictions equal to their reference after `normalize_answer`."""
     hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
     return 100 * hits / max(len(predictions), 1)
+
+
+def preference_accuracy(chosen_logps: list[float], rejected_logps: list[float]) -> float:
+    """Percentage of pairs whose chosen response is more likely than the rejected one; a tie is a miss."""
+    if not chosen_logps:
+        raise ValueError("preference accuracy over zero pairs")
+    wins = sum(c > r for c, r in zip(chosen_logps, rejected_logps, strict=True))
+    return 100 * wins / len(chosen_logps)
+
+
+def mean_margin(chosen_logps: list[float], rejected_logps: list[float]) -> float:
+    """Mean of log p(chosen) - log p(rejected) over pairs, in nats."""
+    if not chosen_logps:
+        raise ValueError("margin over zero pairs")
+    return math.fsum(c - r for c, r in zip(chosen_logps, rejected_logps, strict=True)) / len(chosen_logps)

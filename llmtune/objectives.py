@@ -35,19 +35,12 @@ def check_engines(recipe: Recipe) -> None:
         raise LLMTuneError("training.deepspeed needs the deepspeed package: pip install deepspeed")
 
 
-def build_sft(
-    recipe: Recipe,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: PreparedData,
-    output_dir: Path,
-    callbacks: list[TrainerCallback],
-) -> Trainer:
+def training_args(config_class: type, recipe: Recipe, output_dir: Path, **fields):
+    """`config_class` (a TrainingArguments subclass) with the recipe's training settings and `fields` on top."""
     import torch
-    from trl import SFTConfig, SFTTrainer
 
     t = recipe.training
-    args = SFTConfig(
+    return config_class(
         output_dir=str(output_dir),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,
@@ -70,12 +63,6 @@ def build_sft(
         # The model is already in the recipe's dtype; TRL's default bf16 autocast would change the numbers.
         bf16=False,
         fp16=False,
-        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
-        # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
-        max_length=recipe.data.max_length if recipe.data.packing else None,
-        packing=recipe.data.packing,
-        packing_strategy="bfd",
-        eval_packing=False,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=None,  # training.py rotates checkpoints itself, after each is complete
@@ -86,22 +73,55 @@ def build_sft(
         # Without use_cpu, a CPU-only machine under torchrun trains one independent copy per process.
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
+        **fields,
     )
+
+
+def build_sft(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    from trl import SFTConfig, SFTTrainer
+
+    args = training_args(
+        SFTConfig,
+        recipe,
+        output_dir,
+        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
+        # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
+        max_length=recipe.data.max_length if recipe.data.packing else None,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        eval_packing=False,
+    )
+    return _trainer(SFTTrainer, args, recipe, model, tokenizer, data, output_dir, callbacks)
+
+
+def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, **extra) -> Trainer:
+    """`trainer_class` built from a builder's arguments (see build_sft) and `args`, with llmtune's guards,
+    progress line and logs; `extra` goes to the trainer (e.g. a reference model)."""
+    import torch
+
     # With a cache object present, transformers does not derive per-row attention blocks from the
     # restarting position ids of a pack, and rows would attend to each other. Training needs no cache.
     model.config.use_cache = False
-    trainer = guarded(SFTTrainer)(
+    trainer = guarded(trainer_class)(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **extra,
     )
-    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in t.report_to)
+    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
     if recipe.method.name == "qlora":
-        # SFTTrainer casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute
-        # dtype so the adapter trains and saves at the precision the run directory promises.
+        # TRL casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute dtype so
+        # the adapter trains and saves at the precision the run directory promises.
         dtype = getattr(torch, recipe.method.compute_dtype)
         for p in model.parameters():
             if p.requires_grad:
@@ -109,8 +129,58 @@ def build_sft(
     return trainer
 
 
+def _pretokenized(trainer_class: type[Trainer]) -> type[Trainer]:
+    """`trainer_class` taking data.py's token ids as they are: TRL would otherwise render and tokenize again."""
+
+    def _prepare_dataset(self, dataset, *args, **kwargs):
+        return dataset
+
+    return type(trainer_class.__name__, (trainer_class,), {"_prepare_dataset": _prepare_dataset})
+
+
+def _reference_model(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel | None:
+    """The frozen reference policy: None for an adapter (TRL switches the adapter off, no second copy);
+    otherwise a second copy of the base model, loaded the way the policy was (also for tiny: and builtin: models,
+    which TRL could not reload by name)."""
+    from peft import PeftModel
+
+    from llmtune.models import load_base_model
+
+    if isinstance(model, PeftModel):
+        return None
+    reference = load_base_model(recipe)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def build_dpo(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    from trl import DPOConfig, DPOTrainer
+
+    objective = recipe.objective
+    args = training_args(
+        DPOConfig,
+        recipe,
+        output_dir,
+        beta=objective.beta,
+        loss_type=[objective.loss_type],
+        max_length=None,  # data.py has cut every pair to data.max_length
+    )
+    reference = _reference_model(recipe, model)
+    return _trainer(
+        _pretokenized(DPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks, ref_model=reference
+    )
+
+
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
+    "dpo": build_dpo,
 }
 
 

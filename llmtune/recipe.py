@@ -167,7 +167,21 @@ class SFTSpec(_ObjectiveOptions):
     )
 
 
-ObjectiveSpec = Annotated[Union[SFTSpec], Field(discriminator="name")]
+class _PreferenceOptions(_ObjectiveOptions):
+    """Objectives trained on `format: preference` rows (prompt, chosen, rejected)."""
+
+
+class DPOSpec(_PreferenceOptions):
+    name: Literal["dpo"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
+    )
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
+    ] = Field("sigmoid", description="'sigmoid' is the DPO paper's loss; the others are TRL's variants")
+
+
+ObjectiveSpec = Annotated[Union[SFTSpec, DPOSpec], Field(discriminator="name")]
 
 
 class DataSpec(_Spec):
@@ -175,7 +189,7 @@ class DataSpec(_Spec):
     eval: str | None = Field(None, description="held-out data; if absent, eval_split of train is held out")
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when eval is absent")
     split: str = Field("train", description="split to read from a hub dataset or a DatasetDict directory")
-    format: Literal["chat", "instruction", "prompt_completion", "text"] = "chat"
+    format: Literal["chat", "instruction", "prompt_completion", "text", "preference"] = "chat"
     columns: dict[str, str] = Field(
         default_factory=dict, description="map our column names to yours, e.g. {messages: conversations}"
     )
@@ -245,6 +259,7 @@ class Recipe(_Spec):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
+        _check_preference(self)
         if self.data.format == "text" and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
@@ -259,6 +274,30 @@ class Recipe(_Spec):
                 "which gradient checkpointing switches off; set it to false"
             )
         return self
+
+
+def _check_preference(recipe: Recipe) -> None:
+    """Preference objectives and preference data come together, and a pair cannot be packed."""
+    objective, data = recipe.objective, recipe.data
+    preference_objective = isinstance(objective, _PreferenceOptions)
+    if preference_objective and data.format != "preference":
+        raise ValueError(
+            f"data.format: objective {objective.name} trains on pairs of responses; set data.format: preference "
+            "(columns prompt, chosen, rejected)"
+        )
+    if data.format == "preference" and not preference_objective:
+        names = ", ".join(
+            n
+            for m in _models_in(ObjectiveSpec)
+            if issubclass(m, _PreferenceOptions)
+            for n in m.model_fields["name"].annotation.__args__
+        )
+        raise ValueError(f"data.format: preference data needs a preference objective ({names}), not {objective.name}")
+    if preference_objective and data.packing:
+        raise ValueError(
+            f"data.packing: {objective.name} compares a chosen and a rejected sequence row by row; pairs cannot be "
+            "packed; set data.packing: false"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
