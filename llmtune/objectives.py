@@ -6,13 +6,16 @@ This is the only module that imports trl, so TRL's moving API stays in one file.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmtune.data import IGNORE_INDEX
 from llmtune.recipe import Recipe
 from llmtune.training import guarded
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
     from llmtune.data import PreparedData
@@ -153,14 +156,10 @@ def _reference_model(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel 
     return reference.eval()
 
 
-def build_dpo(
-    recipe: Recipe,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: PreparedData,
-    output_dir: Path,
-    callbacks: list[TrainerCallback],
-) -> Trainer:
+# Preference builders take the same arguments as build_sft.
+
+
+def build_dpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
     from trl import DPOConfig, DPOTrainer
 
     objective = recipe.objective
@@ -178,9 +177,111 @@ def build_dpo(
     )
 
 
+def build_orpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    args = training_args(ORPOConfig, recipe, output_dir, beta=recipe.objective.beta)
+    return _trainer(_from_pair_ids(ORPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks)
+
+
+def build_simpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    objective = recipe.objective
+    # SimPO is CPO's "simpo" loss without CPO's behaviour-cloning term (cpo_alpha = 0).
+    args = training_args(
+        CPOConfig,
+        recipe,
+        output_dir,
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=objective.beta,
+        simpo_gamma=objective.gamma,
+    )
+    return _trainer(_from_pair_ids(CPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks)
+
+
+def build_kto(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl import KTOConfig, KTOTrainer
+
+    objective = recipe.objective
+    args = training_args(
+        KTOConfig,
+        recipe,
+        output_dir,
+        beta=objective.beta,
+        desirable_weight=objective.desirable_weight,
+        undesirable_weight=objective.undesirable_weight,
+        loss_type=objective.loss_type,
+        max_length=None,  # data.py has cut every pair to data.max_length
+        # The KL estimate pairs each row with the previous row's completion, fixed when the data is prepared.
+        train_sampling_strategy="sequential" if objective.loss_type == "kto" else "random",
+    )
+    seed = recipe.training.seed
+    unpaired = replace(
+        data, train=_unpaired(data.train, seed), eval=_unpaired(data.eval, seed) if data.eval is not None else None
+    )
+    reference = _reference_model(recipe, model)
+    return _trainer(
+        _unpaired_kto(KTOTrainer), args, recipe, model, tokenizer, unpaired, output_dir, callbacks, ref_model=reference
+    )
+
+
+def _from_pair_ids(trainer_class: type[Trainer]) -> type[Trainer]:
+    """ORPO / CPO (trl.experimental) tokenizing rows from data.py's prompt / chosen / rejected ids."""
+
+    def tokenize_row(self, feature, model=None):
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            response = feature[f"{side}_ids"]
+            row[f"{side}_input_ids"] = prompt + response
+            row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(response))
+            row[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + response
+        return row
+
+    return type(trainer_class.__name__, (trainer_class,), {"tokenize_row": tokenize_row})
+
+
+def _unpaired(pairs: Dataset, seed: int) -> Dataset:
+    """Each pair as two KTO rows (chosen: label True, rejected: False), in a fixed shuffled order so a batch
+    mixes both labels and neighbours rarely share a prompt (KTO's KL estimate needs mismatched neighbours)."""
+    import random
+
+    from datasets import Dataset
+
+    rows = [
+        (prompt, response, side == "chosen_ids")
+        for side in ("chosen_ids", "rejected_ids")
+        for prompt, response in zip(pairs["prompt_ids"], pairs[side], strict=True)
+    ]
+    random.Random(seed).shuffle(rows)
+    prompts, completions, labels = zip(*rows, strict=True)
+    return Dataset.from_dict({"prompt_ids": prompts, "completion_ids": completions, "label": labels})
+
+
+def _unpaired_kto(trainer_class: type[Trainer]) -> type[Trainer]:
+    """KTO over data.py's unpaired token ids; adds the mismatched completions its KL estimate needs as TRL does:
+    within each batch, every row borrows the previous row's completion."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not self.calculate_KL:
+            return dataset
+
+        def rotate(batch):
+            return {"KL_completion_ids": [batch["completion_ids"][-1], *batch["completion_ids"][:-1]]}
+
+        return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return type(trainer_class.__name__, (trainer_class,), {"_prepare_dataset": _prepare_dataset})
+
+
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
     "dpo": build_dpo,
+    "orpo": build_orpo,
+    "simpo": build_simpo,
+    "kto": build_kto,
 }
 
 

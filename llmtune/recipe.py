@@ -181,7 +181,37 @@ class DPOSpec(_PreferenceOptions):
     ] = Field("sigmoid", description="'sigmoid' is the DPO paper's loss; the others are TRL's variants")
 
 
-ObjectiveSpec = Annotated[Union[SFTSpec, DPOSpec], Field(discriminator="name")]
+class ORPOSpec(_PreferenceOptions):
+    name: Literal["orpo"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="weight of the odds-ratio term next to the chosen response's NLL"
+    )
+
+
+class SimPOSpec(_PreferenceOptions):
+    name: Literal["simpo"]
+    beta: float = Field(
+        2.0, gt=0, allow_inf_nan=False, description="scale of the reward, the length-normalised log-probability"
+    )
+    gamma: float = Field(0.5, ge=0, allow_inf_nan=False, description="target reward margin of chosen over rejected")
+
+
+class KTOSpec(_PreferenceOptions):
+    name: Literal["kto"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="loss weight of chosen responses (desirable examples)")
+    undesirable_weight: float = Field(1.0, gt=0, description="loss weight of rejected responses (undesirable examples)")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="'kto' (the paper's loss, with a KL estimate) or 'apo_zero_unpaired'"
+    )
+
+
+ObjectiveSpec = Annotated[
+    Union[SFTSpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec],
+    Field(discriminator="name"),
+]
 
 
 class DataSpec(_Spec):

@@ -20,10 +20,12 @@ from typer.testing import CliRunner
 from llmtune import metrics
 from llmtune.cli.app import app
 from llmtune.data import PreferenceSample, encode, encode_preference, prepare_data, split_samples
+from llmtune.evaluation import evaluate
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer
 from llmtune.objectives import OBJECTIVES
 from llmtune.recipe import load_recipe
+from llmtune.run import finetune
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
 
@@ -214,3 +216,31 @@ def test_dpo_raises_heldout_preference_accuracy(dpo_run):
     assert base["preference_accuracy"] < 50
     assert tuned["preference_accuracy"] >= 87.5
     assert tuned["logp_margin"] > base["logp_margin"] + 1.0
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
+def test_objective_trains_and_raises_heldout_preference_accuracy(tmp_path, one_torch_thread, objective):
+    path = write_preference_recipe(tmp_path, objective={"name": objective}, training={"max_steps": 8})
+    result = finetune(path)
+    log = [json.loads(line) for line in (result.run.path / "trainer_log.jsonl").read_text().splitlines()]
+    # KTO logs a margin only for batches holding both chosen and rejected responses.
+    assert any("rewards/margins" in e for e in log if "loss" in e)
+    report = evaluate(result.run.path, compare_base=True)
+    base, tuned = report.results["base"], report.results["tuned"]
+    assert base["preference_accuracy"] < 50
+    assert tuned["preference_accuracy"] >= 87.5
+    assert tuned["logp_margin"] > base["logp_margin"] + 0.5
+
+
+def test_kto_sees_every_response_once_with_its_label(tmp_path):
+    trainer = build_trainer(write_preference_recipe(tmp_path, objective={"name": "kto"}))
+    rows = trainer.train_dataset
+    pairs = prepare_data(load_recipe(tmp_path / "dpo.yaml"), load_tokenizer("tiny:llama")).train
+    expected = sorted(
+        [(p, c, True) for p, c in zip(pairs["prompt_ids"], pairs["chosen_ids"], strict=True)]
+        + [(p, r, False) for p, r in zip(pairs["prompt_ids"], pairs["rejected_ids"], strict=True)]
+    )
+    assert sorted(zip(rows["prompt_ids"], rows["completion_ids"], rows["label"], strict=True)) == expected
+    # The KL estimate's completions come from the neighbouring row in the batch, not from the row itself.
+    assert rows["KL_completion_ids"][1] == rows["completion_ids"][0]
+    assert any(a != b for a, b in zip(rows["label"][:-1], rows["label"][1:], strict=True))
