@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import LLMTuneError, first_line
-from llmtune.recipe import DataSpec, Recipe, is_local_data_ref
+from llmtune.recipe import DataSpec, GRPOSpec, Recipe, is_local_data_ref
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -83,7 +83,10 @@ class PreparedData:
             # Sorted: ("input_ids", "labels") for SFT, as before preference columns existed.
             for column in sorted(dataset.column_names) if dataset is not None else []:
                 for row in dataset[column]:
-                    digest.update(array.array("q", row).tobytes())
+                    if isinstance(row, list) and all(isinstance(t, int) for t in row):
+                        digest.update(array.array("q", row).tobytes())
+                    else:  # prompts and references of objectives that generate
+                        digest.update(json.dumps(row, sort_keys=True).encode())
         return digest.hexdigest()
 
 
@@ -537,9 +540,36 @@ def encode_preference_dataset(
     return Dataset.from_dict(columns), counts
 
 
+def prompt_reference_dataset(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, source: str
+) -> tuple[Dataset, dict[str, int]]:
+    """Prompts (messages, rendered by TRL with the same chat template, or plain text) and their reference
+    responses, for objectives that generate their own completions; prompts over max_length are dropped."""
+    from datasets import Dataset
+
+    prompts, references, tokens, dropped = [], [], 0, 0
+    for sample in samples:
+        prompt, reference = sample.prompt_and_reference()
+        length = len(encode_prompt(prompt, tokenizer))
+        if length >= spec.max_length:
+            dropped += 1
+            continue
+        tokens += length
+        prompts.append(prompt.messages if prompt.messages is not None else "".join(t for t, _ in prompt.segments))
+        references.append(reference)
+    if not prompts:
+        raise LLMTuneError(f"{source}: every prompt is longer than data.max_length={spec.max_length}; raise it")
+    counts = {"rows": len(prompts), "truncated": 0, "dropped": dropped, "tokens": tokens}
+    return Dataset.from_dict({"prompt": prompts, "reference": references}), counts
+
+
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     train_samples, eval_samples = split_samples(recipe)
-    if recipe.data.format == "preference":
+    if isinstance(recipe.objective, GRPOSpec):
+
+        def encode_split(samples, source):
+            return prompt_reference_dataset(samples, tokenizer, recipe.data, source)
+    elif recipe.data.format == "preference":
 
         def encode_split(samples, source):
             return encode_preference_dataset(samples, tokenizer, recipe.data, source)

@@ -125,7 +125,9 @@ def score_model(
     model.eval()
     results: dict[str, float] = {}
     if "perplexity" in wanted:
-        dataset, _ = encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, "eval data")
+        # Objectives without loss_on (grpo) are scored on their reference responses.
+        loss_on = getattr(recipe.objective, "loss_on", "response")
+        dataset, _ = encode_dataset(samples, tokenizer, recipe.data, loss_on, "eval data")
         nll, n = response_nll(model, tokenizer, dataset["input_ids"], dataset["labels"], recipe.eval.batch_size)
         results["perplexity"] = metrics.perplexity(nll, n)
         results["loss"] = nll / n

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
+from collections.abc import Callable
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:
@@ -59,3 +61,44 @@ def mean_margin(chosen_logps: list[float], rejected_logps: list[float]) -> float
     if not chosen_logps:
         raise ValueError("margin over zero pairs")
     return math.fsum(c - r for c, r in zip(chosen_logps, rejected_logps, strict=True)) / len(chosen_logps)
+
+
+# --- rule-based rewards for RL (GRPO): one score per completion, 1.0 for right and 0.0 for wrong ------------
+
+
+def exact_match_reward(completions: list[str], references: list[str]) -> list[float]:
+    """1.0 where the completion equals its row's reference after `normalize_answer`."""
+    return [float(normalize_answer(c) == normalize_answer(r)) for c, r in zip(completions, references, strict=True)]
+
+
+def iso_date_reward(completions: list[str], references: list[str]) -> list[float]:
+    """1.0 where the whole completion is a valid calendar date written YYYY-MM-DD (the reference is not used)."""
+    return [float(_is_iso_date(c.strip())) for c in completions]
+
+
+def _is_iso_date(text: str) -> bool:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def similarity_reward(completions: list[str], references: list[str]) -> list[float]:
+    """difflib's ratio of matching characters between completion and reference, from 0 to 1: partial credit, so
+    a model that is never exactly right still gets a signal to improve on."""
+    import difflib
+
+    return [
+        difflib.SequenceMatcher(None, normalize_answer(c), normalize_answer(r)).ratio()
+        for c, r in zip(completions, references, strict=True)
+    ]
+
+
+REWARDS: dict[str, Callable[[list[str], list[str]], list[float]]] = {
+    "exact_match": exact_match_reward,
+    "iso_date": iso_date_reward,
+    "similarity": similarity_reward,
+}

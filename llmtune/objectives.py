@@ -276,12 +276,56 @@ def _unpaired_kto(trainer_class: type[Trainer]) -> type[Trainer]:
     return type(trainer_class.__name__, (trainer_class,), {"_prepare_dataset": _prepare_dataset})
 
 
+def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl import GRPOConfig, GRPOTrainer
+
+    objective = recipe.objective
+    args = training_args(
+        GRPOConfig,
+        recipe,
+        output_dir,
+        num_generations=objective.num_generations,
+        max_completion_length=objective.max_completion_length,
+        temperature=objective.temperature,
+        reward_weights=objective.reward_weights,
+        beta=0.0,  # no KL term: no reference model in memory (TRL's default, after DAPO / Dr. GRPO)
+    )
+    rewards = [_reward_function(name) for name in objective.rewards]
+    # TRL evaluates by generating; `llmtune eval` scores the held-out prompts instead.
+    return _trainer(
+        GRPOTrainer,
+        args,
+        recipe,
+        model,
+        tokenizer,
+        replace(data, eval=None),
+        output_dir,
+        callbacks,
+        reward_funcs=rewards,
+    )
+
+
+def _reward_function(name: str):
+    """A metrics.REWARDS function as TRL calls it: completions (text or assistant messages) and dataset columns."""
+    from llmtune.metrics import REWARDS
+
+    score = REWARDS[name]
+
+    def reward(prompts, completions, reference, **columns):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return score(texts, reference)
+
+    reward.__name__ = name  # TRL logs rewards/NAME/mean under this name
+    return reward
+
+
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
     "dpo": build_dpo,
     "orpo": build_orpo,
     "simpo": build_simpo,
     "kto": build_kto,
+    "grpo": build_grpo,
 }
 
 

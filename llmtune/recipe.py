@@ -208,8 +208,37 @@ class KTOSpec(_PreferenceOptions):
     )
 
 
+RewardName = Literal["exact_match", "iso_date", "similarity"]
+
+
+class GRPOSpec(_ObjectiveOptions):
+    name: Literal["grpo"]
+    reward: Union[RewardName, list[RewardName]] = Field(
+        "exact_match",
+        description="rule-based reward(s): exact_match (completion equals the row's reference), iso_date "
+        "(completion is a valid YYYY-MM-DD date), similarity (partial credit: character overlap with the "
+        "reference); several are summed",
+    )
+    reward_weights: list[float] | None = Field(None, description="one weight per reward; default all 1")
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt; advantages compare them")
+    max_completion_length: int = Field(32, gt=0, description="tokens generated per completion")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="sampling temperature; diversity in a group")
+
+    @property
+    def rewards(self) -> list[str]:
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward)
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOSpec:
+        if not self.rewards:
+            raise ValueError("reward: name at least one reward")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+        return self
+
+
 ObjectiveSpec = Annotated[
-    Union[SFTSpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec],
+    Union[SFTSpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec, GRPOSpec],
     Field(discriminator="name"),
 ]
 
@@ -290,6 +319,7 @@ class Recipe(_Spec):
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
         _check_preference(self)
+        _check_grpo(self)
         if self.data.format == "text" and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
@@ -327,6 +357,25 @@ def _check_preference(recipe: Recipe) -> None:
         raise ValueError(
             f"data.packing: {objective.name} compares a chosen and a rejected sequence row by row; pairs cannot be "
             "packed; set data.packing: false"
+        )
+
+
+def _check_grpo(recipe: Recipe) -> None:
+    objective, data, t = recipe.objective, recipe.data, recipe.training
+    if not isinstance(objective, GRPOSpec):
+        return
+    if data.format not in ("prompt_completion", "chat", "instruction"):
+        raise ValueError(
+            f"data.format: grpo samples completions for prompts and scores them against each row's reference; "
+            f"use prompt_completion (or chat / instruction), not {data.format}"
+        )
+    if data.packing:
+        raise ValueError("data.packing: grpo generates from single prompts; set data.packing: false")
+    if (t.batch_size * t.grad_accum) % objective.num_generations:
+        raise ValueError(
+            f"training.batch_size: grpo fills each step with whole groups of "
+            f"num_generations={objective.num_generations} completions; batch_size x grad_accum "
+            f"({t.batch_size} x {t.grad_accum}) must be a multiple of it"
         )
 
 
