@@ -149,24 +149,42 @@ def score_model(
 def score_preferences(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[PreferenceSample], recipe: Recipe
 ) -> tuple[dict[str, float], None]:
-    """Held-out preference accuracy and mean log-probability margin of chosen over rejected responses.
+    """Held-out preference accuracy (percent of pairs scoring chosen above rejected) and the mean score margin.
 
-    A response's log-probability is the sum over its tokens (EOS included), not length-normalised: the quantity
-    DPO's implicit reward is built on.
+    A language model scores a response by its log-probability summed over its tokens (EOS included), not
+    length-normalised: the quantity DPO's implicit reward is built on. A reward model scores prompt + response
+    with its scalar head.
     """
     model.eval()
     dataset, _ = encode_preference_dataset(samples, tokenizer, recipe.data, "eval data")
-    logps = {}
+    reward_model = recipe.objective.model_kind == "sequence-classification"
+    scores = {}
     for side in ("chosen", "rejected"):
-        input_ids = [p + r for p, r in zip(dataset["prompt_ids"], dataset[f"{side}_ids"], strict=True)]
-        labels = [
-            [IGNORE_INDEX] * len(p) + r for p, r in zip(dataset["prompt_ids"], dataset[f"{side}_ids"], strict=True)
-        ]
-        logps[side], _ = sequence_logps(model, tokenizer, input_ids, labels, recipe.eval.batch_size)
+        prompts, responses = dataset["prompt_ids"], dataset[f"{side}_ids"]
+        input_ids = [p + r for p, r in zip(prompts, responses, strict=True)]
+        if reward_model:
+            scores[side] = sequence_rewards(model, tokenizer, input_ids, recipe.eval.batch_size)
+        else:
+            labels = [[IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses, strict=True)]
+            scores[side], _ = sequence_logps(model, tokenizer, input_ids, labels, recipe.eval.batch_size)
     return {
-        "preference_accuracy": metrics.preference_accuracy(logps["chosen"], logps["rejected"]),
-        "logp_margin": metrics.mean_margin(logps["chosen"], logps["rejected"]),
+        "preference_accuracy": metrics.preference_accuracy(scores["chosen"], scores["rejected"]),
+        "reward_margin" if reward_model else "logp_margin": metrics.mean_margin(scores["chosen"], scores["rejected"]),
     }, None
+
+
+@torch.no_grad()
+def sequence_rewards(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], batch_size: int
+) -> list[float]:
+    """A reward model's scalar for each sequence (read at its last non-pad token)."""
+    # The head finds each row's last token by the pad id; a base model loaded afresh may not name one.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rewards = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        rewards.extend(model(input_ids=ids, attention_mask=attn).logits[:, 0].float().tolist())
+    return rewards
 
 
 @torch.no_grad()

@@ -319,6 +319,31 @@ def _reward_function(name: str):
     return reward
 
 
+def build_reward_model(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl import RewardConfig, RewardTrainer
+
+    args = training_args(
+        RewardConfig,
+        recipe,
+        output_dir,
+        center_rewards_coefficient=recipe.objective.center_rewards,
+        max_length=None,  # data.py has cut every pair to data.max_length
+    )
+    # The reward head reads whole sequences: prompt followed by each response.
+    sequences = replace(data, train=_whole_sequences(data.train), eval=_whole_sequences(data.eval))
+    return _trainer(RewardTrainer, args, recipe, model, tokenizer, sequences, output_dir, callbacks)
+
+
+def _whole_sequences(pairs: Dataset | None) -> Dataset | None:
+    if pairs is None:
+        return None
+
+    def join(row):
+        return {side: row["prompt_ids"] + row[side] for side in ("chosen_ids", "rejected_ids")}
+
+    return pairs.map(join, remove_columns=["prompt_ids"])
+
+
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
     "dpo": build_dpo,
@@ -326,6 +351,7 @@ OBJECTIVES: dict[str, Callable] = {
     "simpo": build_simpo,
     "kto": build_kto,
     "grpo": build_grpo,
+    "reward-model": build_reward_model,
 }
 
 

@@ -208,6 +208,19 @@ class KTOSpec(_PreferenceOptions):
     )
 
 
+class RewardModelSpec(_PreferenceOptions):
+    """A scalar reward r(prompt, response) trained so that r(chosen) > r(rejected) (Bradley-Terry loss)."""
+
+    name: Literal["reward-model"]
+    model_kind: ClassVar[str] = "sequence-classification"
+    center_rewards: float | None = Field(
+        None, ge=0, description="weight of a penalty on the mean reward, keeping rewards centred on 0 (e.g. 0.01)"
+    )
+
+    def head_config(self) -> dict[str, Any]:
+        return {"num_labels": 1}
+
+
 RewardName = Literal["exact_match", "iso_date", "similarity"]
 
 
@@ -238,7 +251,7 @@ class GRPOSpec(_ObjectiveOptions):
 
 
 ObjectiveSpec = Annotated[
-    Union[SFTSpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec, GRPOSpec],
+    Union[SFTSpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec, GRPOSpec, RewardModelSpec],
     Field(discriminator="name"),
 ]
 

@@ -218,18 +218,27 @@ def test_dpo_raises_heldout_preference_accuracy(dpo_run):
     assert tuned["logp_margin"] > base["logp_margin"] + 1.0
 
 
-@pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
-def test_objective_trains_and_raises_heldout_preference_accuracy(tmp_path, one_torch_thread, objective):
+@pytest.mark.parametrize(
+    ("objective", "margin", "logged"),
+    [
+        ("orpo", "logp_margin", "rewards/margins"),
+        ("simpo", "logp_margin", "rewards/margins"),
+        ("kto", "logp_margin", "rewards/margins"),
+        ("reward-model", "reward_margin", "margin"),
+    ],
+)
+def test_objective_trains_and_raises_heldout_preference_accuracy(tmp_path, one_torch_thread, objective, margin, logged):
     path = write_preference_recipe(tmp_path, objective={"name": objective}, training={"max_steps": 8})
     result = finetune(path)
     log = [json.loads(line) for line in (result.run.path / "trainer_log.jsonl").read_text().splitlines()]
     # KTO logs a margin only for batches holding both chosen and rejected responses.
-    assert any("rewards/margins" in e for e in log if "loss" in e)
+    assert any(logged in e for e in log if "loss" in e)
     report = evaluate(result.run.path, compare_base=True)
     base, tuned = report.results["base"], report.results["tuned"]
-    assert base["preference_accuracy"] < 50
+    # (The untrained reward head is random: its base accuracy is chance, not the language model's 12.5.)
     assert tuned["preference_accuracy"] >= 87.5
-    assert tuned["logp_margin"] > base["logp_margin"] + 0.5
+    assert tuned["preference_accuracy"] > base["preference_accuracy"]
+    assert tuned[margin] > base[margin] + 0.5
 
 
 def test_kto_sees_every_response_once_with_its_label(tmp_path):
@@ -244,3 +253,15 @@ def test_kto_sees_every_response_once_with_its_label(tmp_path):
     # The KL estimate's completions come from the neighbouring row in the batch, not from the row itself.
     assert rows["KL_completion_ids"][1] == rows["completion_ids"][0]
     assert any(a != b for a, b in zip(rows["label"][:-1], rows["label"][1:], strict=True))
+
+
+def test_reward_model_merges_into_a_sequence_classifier(tmp_path, one_torch_thread):
+    from transformers import AutoModelForSequenceClassification
+
+    from llmtune.merge import merge_adapter
+
+    run = finetune(write_preference_recipe(tmp_path, objective={"name": "reward-model"})).run.path
+    merged = merge_adapter(run, tmp_path / "merged")
+    assert merged.max_abs_diff < 1e-4 and merged.base_max_abs_diff > 1e-3
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert model.config.num_labels == 1
