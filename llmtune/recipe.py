@@ -333,6 +333,7 @@ class Recipe(_Spec):
     def _check_combinations(self) -> Recipe:
         _check_preference(self)
         _check_grpo(self)
+        _check_adapter_on_head(self)
         if self.data.format == "text" and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
@@ -370,6 +371,17 @@ def _check_preference(recipe: Recipe) -> None:
         raise ValueError(
             f"data.packing: {objective.name} compares a chosen and a rejected sequence row by row; pairs cannot be "
             "packed; set data.packing: false"
+        )
+
+
+def _check_adapter_on_head(recipe: Recipe) -> None:
+    # TRL's DPO, KTO and GRPO trainers compute log-probabilities from lm_head.weight directly, so an adapter
+    # on the head would never train; TRL would refuse only after the model has loaded.
+    targets = getattr(recipe.method, "target_modules", None)
+    if recipe.objective.name in ("dpo", "kto", "grpo") and isinstance(targets, list) and "lm_head" in targets:
+        raise ValueError(
+            f"method.target_modules: {recipe.objective.name} reads the output head's weights directly, so an adapter "
+            "on lm_head would never train; remove lm_head from target_modules"
         )
 
 

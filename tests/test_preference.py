@@ -129,6 +129,10 @@ def test_bad_pairs_fail_before_training_naming_file_and_row(tmp_path, row, fragm
         ({"data": {"format": "chat"}}, "data.format: objective dpo trains on pairs of responses"),
         ({"objective": {"name": "sft"}}, "data.format: preference data needs a preference objective (dpo"),
         ({"objective": {"name": "dpo", "loss_type": "sigmod"}}, "objective.loss_type"),
+        (
+            {"method": {"name": "lora", "target_modules": ["q_proj", "lm_head"]}},
+            "method.target_modules: dpo reads the output head's weights directly",
+        ),
     ],
 )
 def test_combinations_that_cannot_work_are_refused_at_load(tmp_path, sections, fragment):
