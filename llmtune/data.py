@@ -488,15 +488,16 @@ def encode_dataset(
 def encode_preference(sample: PreferenceSample, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], ...]:
     """Prompt, chosen and rejected token ids; each response ends with its EOS, as in SFT."""
     prompt = encode_prompt(sample.prompt, tokenizer)
-    cut, ends = len(prompt), []
-    full = []
-    for response in (sample, sample.rejected):
-        ids, labels = encode(response, tokenizer)
-        # Tokens merged across the prompt/response boundary belong to the response, as TRL splits them.
-        cut = min(cut, _common_prefix(prompt, ids))
-        ends.append(max(i for i, t in enumerate(labels) if t != IGNORE_INDEX) + 1)
-        full.append(ids)
-    return prompt[:cut], full[0][cut : ends[0]], full[1][cut : ends[1]]
+    chosen, rejected = (encode_through_response(response, tokenizer) for response in (sample, sample.rejected))
+    # Tokens merged across the prompt/response boundary belong to the response, as TRL splits them.
+    cut = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    return prompt[:cut], chosen[cut:], rejected[cut:]
+
+
+def encode_through_response(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a conversation up to and including the EOS that ends its last response."""
+    ids, labels = encode(sample, tokenizer)
+    return ids[: max(i for i, t in enumerate(labels) if t != IGNORE_INDEX) + 1]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -291,6 +291,8 @@ def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer
         beta=0.0,  # no KL term: no reference model in memory (TRL's default, after DAPO / Dr. GRPO)
     )
     rewards = [_reward_function(name) for name in objective.rewards]
+    if objective.reward_model is not None:
+        rewards.append(_reward_model_function(Path(objective.reward_model), recipe.eval.batch_size))
     # TRL evaluates by generating; `llmtune eval` scores the held-out prompts instead.
     return _trainer(
         GRPOTrainer,
@@ -342,6 +344,43 @@ def _whole_sequences(pairs: Dataset | None) -> Dataset | None:
         return {side: row["prompt_ids"] + row[side] for side in ("chosen_ids", "rejected_ids")}
 
     return pairs.map(join, remove_columns=["prompt_ids"])
+
+
+def _reward_model_function(path: Path, batch_size: int):
+    """A reward model (run directory or checkpoint) as a TRL reward function. It scores each prompt + completion
+    encoded exactly as the reward model was trained on pairs (data.py), which TRL's own scoring would not do."""
+    import torch
+
+    from llmtune.artifacts import is_run_dir
+    from llmtune.data import Sample, encode_through_response
+    from llmtune.errors import LLMTuneError
+    from llmtune.evaluation import sequence_rewards
+    from llmtune.models import auto_class, load_tokenizer, load_tuned
+
+    if is_run_dir(path):
+        model, tokenizer = load_tuned(path)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+    else:
+        model, tokenizer = auto_class("sequence-classification").from_pretrained(path), load_tokenizer(str(path))
+    if getattr(model.config, "num_labels", None) != 1:
+        raise LLMTuneError(
+            f"{path}: objective.reward_model must give one score per sequence (a reward-model run or a "
+            f"sequence-classification checkpoint with num_labels=1); it has {model.config.num_labels} labels"
+        )
+    model.requires_grad_(False)
+
+    def reward_model(prompts, completions, **columns):
+        samples = [
+            Sample(messages=[*p, *c]) if isinstance(p, list) else Sample(segments=[(p, False), (c, True)])
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        with torch.no_grad():
+            return sequence_rewards(
+                model, tokenizer, [encode_through_response(s, tokenizer) for s in samples], batch_size
+            )
+
+    return reward_model
 
 
 OBJECTIVES: dict[str, Callable] = {

@@ -232,7 +232,14 @@ class GRPOSpec(_ObjectiveOptions):
         "(completion is a valid YYYY-MM-DD date), similarity (partial credit: character overlap with the "
         "reference); several are summed",
     )
-    reward_weights: list[float] | None = Field(None, description="one weight per reward; default all 1")
+    reward_model: str | None = Field(
+        None,
+        description="also score completions with a reward model: a reward-model run directory or a local "
+        "sequence-classification checkpoint (relative to the recipe file)",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="one weight per reward (the reward model's last); default all 1"
+    )
     num_generations: int = Field(4, ge=2, description="completions sampled per prompt; advantages compare them")
     max_completion_length: int = Field(32, gt=0, description="tokens generated per completion")
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="sampling temperature; diversity in a group")
@@ -243,10 +250,11 @@ class GRPOSpec(_ObjectiveOptions):
 
     @model_validator(mode="after")
     def _weights_match(self) -> GRPOSpec:
-        if not self.rewards:
-            raise ValueError("reward: name at least one reward")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+        n = len(self.rewards) + (self.reward_model is not None)
+        if n == 0:
+            raise ValueError("reward: name at least one reward, or set reward_model")
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {n} rewards")
         return self
 
 
@@ -511,7 +519,18 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     model = recipe.model
     if not model.startswith(("builtin:", "tiny:")) and (base / model).is_dir():
         model = str((base / model).resolve())
-    return recipe.model_copy(update={"data": data.model_copy(update=updates), "model": model, "training": training})
+    objective = recipe.objective
+    if getattr(objective, "reward_model", None) is not None:
+        scorer = (base / objective.reward_model).expanduser()
+        if not scorer.is_dir():
+            raise LLMTuneError(
+                f"{scorer}: objective.reward_model directory not found (a reward-model run directory or a "
+                "sequence-classification checkpoint; paths are relative to the recipe file)"
+            )
+        objective = objective.model_copy(update={"reward_model": str(scorer.resolve())})
+    return recipe.model_copy(
+        update={"data": data.model_copy(update=updates), "model": model, "training": training, "objective": objective}
+    )
 
 
 def is_local_data_ref(ref: str) -> bool:

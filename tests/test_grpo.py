@@ -144,3 +144,20 @@ def test_grpo_e2e_finetune_eval_merge(tmp_path, one_torch_thread):
     assert [p["reference"] for p in predictions] == ["four", "five", "six", "seven"]
     result = CliRunner().invoke(app, ["merge-adapter", str(run), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
+
+
+def test_grpo_scores_with_a_reward_model_run(tmp_path, one_torch_thread):
+    from test_preference import write_preference_recipe
+
+    scorer = finetune(write_preference_recipe(tmp_path / "rm", objective={"name": "reward-model"})).run.path
+    path = write_grpo_recipe(tmp_path, objective={"reward": [], "reward_model": str(scorer)}, training={"max_steps": 1})
+    run = finetune(path).run.path
+    [step] = [e for e in read_log(run) if "loss" in e]
+    # One score per completion from the reward head: real numbers, not the 0/1 of a rule.
+    assert step["rewards/reward_model/std"] > 0
+    assert step["reward"] == pytest.approx(step["rewards/reward_model/mean"])
+
+
+def test_grpo_reward_model_must_exist(tmp_path):
+    with expect_error("objective.reward_model directory not found"):
+        load_recipe(write_grpo_recipe(tmp_path, objective={"reward_model": "runs/missing"}))
