@@ -566,22 +566,20 @@ def prompt_reference_dataset(
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     train_samples, eval_samples = split_samples(recipe)
-    if isinstance(recipe.objective, GRPOSpec):
-
-        def encode_split(samples, source):
-            return prompt_reference_dataset(samples, tokenizer, recipe.data, source)
-    elif recipe.data.format == "preference":
-
-        def encode_split(samples, source):
-            return encode_preference_dataset(samples, tokenizer, recipe.data, source)
-    else:
-
-        def encode_split(samples, source):
-            return encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, source)
-
-    train, train_counts = encode_split(train_samples, recipe.data.train)
+    train, train_counts = _encode_split(recipe, tokenizer, train_samples, recipe.data.train)
     report = {"train": train_counts}
     eval_ds = None
     if eval_samples:
-        eval_ds, report["eval"] = encode_split(eval_samples, recipe.data.eval or recipe.data.train)
+        eval_ds, report["eval"] = _encode_split(recipe, tokenizer, eval_samples, recipe.data.eval or recipe.data.train)
     return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
+
+
+def _encode_split(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], source: str
+) -> tuple[Dataset, dict[str, int]]:
+    """Tokenize one split in the shape the recipe's objective trains on."""
+    if isinstance(recipe.objective, GRPOSpec):
+        return prompt_reference_dataset(samples, tokenizer, recipe.data, source)
+    if recipe.data.format == "preference":
+        return encode_preference_dataset(samples, tokenizer, recipe.data, source)
+    return encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, source)
