@@ -269,3 +269,17 @@ def test_reward_model_merges_into_a_sequence_classifier(tmp_path, one_torch_thre
     assert merged.max_abs_diff < 1e-4 and merged.base_max_abs_diff > 1e-3
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert model.config.num_labels == 1
+
+
+def test_dpo_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    path = write_preference_recipe(tmp_path, training={"max_steps": 4, "save_steps": 2})
+    run = finetune(path).run.path
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    uninterrupted = load_file(adapter)
+    finetune(path, resume=run / "checkpoint-2")
+    resumed = load_file(adapter)
+    assert max((uninterrupted[k] - resumed[k]).abs().max().item() for k in uninterrupted) < 1e-6
+    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]  # the curve continues, no repeated steps
