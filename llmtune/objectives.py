@@ -156,7 +156,7 @@ def _reference_model(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel 
     return reference.eval()
 
 
-# Preference builders take the same arguments as build_sft.
+# The builders below take the same arguments as build_sft.
 
 
 def build_dpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
