@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import LLMTuneError, first_line
-from llmtune.recipe import DataSpec, Recipe, is_local_data_ref
+from llmtune.recipe import DataSpec, GRPOSpec, Recipe, is_local_data_ref
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -33,6 +33,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "input", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 OPTIONAL_COLUMNS = {"input"}
 # ShareGPT-style rows ({"from": "human", "value": ...}) are common enough to accept as they are.
@@ -59,6 +60,15 @@ class Sample:
 
 
 @dataclass
+class PreferenceSample(Sample):
+    """A prompt with a chosen and a rejected response. As a `Sample` it is the prompt with the chosen response,
+    so generation metrics and merge probes treat the chosen response as the reference."""
+
+    prompt: Sample | None = None
+    rejected: Sample | None = None
+
+
+@dataclass
 class PreparedData:
     train: Dataset
     eval: Dataset | None
@@ -70,9 +80,13 @@ class PreparedData:
         """sha256 of the token ids and labels trained and evaluated on: changes with data, template, tokenizer."""
         digest = hashlib.sha256()
         for dataset in (self.train, self.eval):
-            for column in ("input_ids", "labels"):
-                for row in dataset[column] if dataset is not None else []:
-                    digest.update(array.array("q", row).tobytes())
+            # Sorted: ("input_ids", "labels") for SFT, as before preference columns existed.
+            for column in sorted(dataset.column_names) if dataset is not None else []:
+                for row in dataset[column]:
+                    if isinstance(row, list) and all(isinstance(t, int) for t in row):
+                        digest.update(array.array("q", row).tobytes())
+                    else:  # prompts and references of objectives that generate
+                        digest.update(json.dumps(row, sort_keys=True).encode())
         return digest.hexdigest()
 
 
@@ -205,6 +219,8 @@ def to_sample(row: dict[str, Any], spec: DataSpec, where: str) -> Sample:
     if spec.format == "text":
         text = _text(row.get(col["text"]), where, col["text"])
         return Sample(segments=[(text, True)])
+    if spec.format == "preference":
+        return _preference_sample(row, spec, where, col)
     if spec.format == "chat":
         messages = _messages(row.get(col["messages"]), where, col["messages"])
     elif spec.format == "instruction":
@@ -235,7 +251,46 @@ def _text(value: Any, where: str, column: str) -> str:
     return value
 
 
-def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
+def _preference_sample(row: dict[str, Any], spec: DataSpec, where: str, col: dict[str, str]) -> PreferenceSample:
+    """A prompt (text or messages) with chosen and rejected responses (text, or assistant messages)."""
+    value = row.get(col["prompt"])
+    if isinstance(value, list):
+        prompt = _messages(value, where, col["prompt"], need_assistant=False)
+    else:
+        prompt = [{"role": "user", "content": _text(value, where, col["prompt"])}]
+    responses = {}
+    for key in ("chosen", "rejected"):
+        value = row.get(col[key])
+        if isinstance(value, list):
+            responses[key] = _messages(value, where, col[key])
+        elif isinstance(value, str) and value.strip():
+            responses[key] = [{"role": "assistant", "content": value}]
+        else:
+            raise LLMTuneError(
+                f"{where}: column {col[key]!r} is missing, empty or not text; every pair needs both responses"
+            )
+    if responses["chosen"] == responses["rejected"]:
+        raise LLMTuneError(
+            f"{where}: {col['chosen']!r} and {col['rejected']!r} are identical, so the row expresses no preference; "
+            "fix or remove it"
+        )
+    if spec.system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": spec.system_prompt}, *prompt]
+    if spec.chat_template:
+        full = {key: Sample(messages=prompt + r) for key, r in responses.items()}
+        return PreferenceSample(
+            messages=full["chosen"].messages, prompt=Sample(messages=prompt), rejected=full["rejected"]
+        )
+    if any(len(m) > 1 for m in (prompt, *responses.values())):
+        raise LLMTuneError(f"{where}: message lists need data.chat_template: true")
+    prompt_text = prompt[0]["content"]
+    full = {key: Sample(segments=[(prompt_text, False), (r[0]["content"], True)]) for key, r in responses.items()}
+    return PreferenceSample(
+        segments=full["chosen"].segments, prompt=Sample(segments=[(prompt_text, False)]), rejected=full["rejected"]
+    )
+
+
+def _messages(value: Any, where: str, column: str, need_assistant: bool = True) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise LLMTuneError(f"{where}: column {column!r} must be a non-empty list of {{role, content}} messages")
     messages = []
@@ -249,7 +304,7 @@ def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
         if role == "assistant" and not content.strip():
             raise LLMTuneError(f"{where}: {column}[{i}] is an empty assistant message")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise LLMTuneError(f"{where}: no assistant message, so no response tokens to train on")
     return messages
 
@@ -430,14 +485,101 @@ def encode_dataset(
     return Dataset.from_dict({"input_ids": input_ids, "labels": labels}), counts
 
 
+def encode_preference(sample: PreferenceSample, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], ...]:
+    """Prompt, chosen and rejected token ids; each response ends with its EOS, as in SFT."""
+    prompt = encode_prompt(sample.prompt, tokenizer)
+    chosen, rejected = (encode_through_response(response, tokenizer) for response in (sample, sample.rejected))
+    # Tokens merged across the prompt/response boundary belong to the response, as TRL splits them.
+    cut = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    return prompt[:cut], chosen[cut:], rejected[cut:]
+
+
+def encode_through_response(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a conversation up to and including the EOS that ends its last response."""
+    ids, labels = encode(sample, tokenizer)
+    return ids[: max(i for i, t in enumerate(labels) if t != IGNORE_INDEX) + 1]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_preference_dataset(
+    samples: list[PreferenceSample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, source: str
+) -> tuple[Dataset, dict[str, int]]:
+    """Tokenize pairs into prompt_ids / chosen_ids / rejected_ids; a response over max_length is cut or dropped."""
+    from datasets import Dataset
+
+    columns: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    truncated = dropped = 0
+    for sample in samples:
+        prompt, chosen, rejected = encode_preference(sample, tokenizer)
+        room = spec.max_length - len(prompt)
+        if len(chosen) > room or len(rejected) > room:
+            if spec.overflow == "drop" or room <= 0:
+                dropped += 1
+                continue
+            chosen, rejected = chosen[:room], rejected[:room]
+            truncated += 1
+        for name, ids in zip(columns, (prompt, chosen, rejected), strict=True):
+            columns[name].append(ids)
+    if not columns["prompt_ids"]:
+        raise LLMTuneError(
+            f"{source}: every prompt is longer than data.max_length={spec.max_length} tokens; raise data.max_length"
+        )
+    loss_tokens = sum(len(c) + len(r) for c, r in zip(columns["chosen_ids"], columns["rejected_ids"], strict=True))
+    counts = {
+        "rows": len(columns["prompt_ids"]),
+        "truncated": truncated,
+        "dropped": dropped,
+        "tokens": loss_tokens + 2 * sum(len(p) for p in columns["prompt_ids"]),
+        "loss_tokens": loss_tokens,
+    }
+    return Dataset.from_dict(columns), counts
+
+
+def prompt_reference_dataset(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, source: str
+) -> tuple[Dataset, dict[str, int]]:
+    """Prompts (messages, rendered by TRL with the same chat template, or plain text) and their reference
+    responses, for objectives that generate their own completions; prompts over max_length are dropped."""
+    from datasets import Dataset
+
+    prompts, references, tokens, dropped = [], [], 0, 0
+    for sample in samples:
+        prompt, reference = sample.prompt_and_reference()
+        length = len(encode_prompt(prompt, tokenizer))
+        if length >= spec.max_length:
+            dropped += 1
+            continue
+        tokens += length
+        prompts.append(prompt.messages if prompt.messages is not None else "".join(t for t, _ in prompt.segments))
+        references.append(reference)
+    if not prompts:
+        raise LLMTuneError(f"{source}: every prompt is longer than data.max_length={spec.max_length}; raise it")
+    counts = {"rows": len(prompts), "truncated": 0, "dropped": dropped, "tokens": tokens}
+    return Dataset.from_dict({"prompt": prompts, "reference": references}), counts
+
+
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     train_samples, eval_samples = split_samples(recipe)
-    loss_on = recipe.objective.loss_on
-    train, train_counts = encode_dataset(train_samples, tokenizer, recipe.data, loss_on, recipe.data.train)
+    train, train_counts = _encode_split(recipe, tokenizer, train_samples, recipe.data.train)
     report = {"train": train_counts}
     eval_ds = None
     if eval_samples:
-        eval_ds, report["eval"] = encode_dataset(
-            eval_samples, tokenizer, recipe.data, loss_on, recipe.data.eval or recipe.data.train
-        )
+        eval_ds, report["eval"] = _encode_split(recipe, tokenizer, eval_samples, recipe.data.eval or recipe.data.train)
     return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
+
+
+def _encode_split(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], source: str
+) -> tuple[Dataset, dict[str, int]]:
+    """Tokenize one split in the shape the recipe's objective trains on."""
+    if isinstance(recipe.objective, GRPOSpec):
+        return prompt_reference_dataset(samples, tokenizer, recipe.data, source)
+    if recipe.data.format == "preference":
+        return encode_preference_dataset(samples, tokenizer, recipe.data, source)
+    return encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, source)

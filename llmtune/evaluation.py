@@ -12,7 +12,15 @@ import torch
 
 from llmtune import artifacts, metrics
 from llmtune.artifacts import RunDir, is_run_dir
-from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
+from llmtune.data import (
+    IGNORE_INDEX,
+    PreferenceSample,
+    Sample,
+    encode_dataset,
+    encode_preference_dataset,
+    encode_prompt,
+    split_samples,
+)
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_base_model, load_model, load_tokenizer, load_tuned
 from llmtune.recipe import Recipe, load_recipe
@@ -58,11 +66,12 @@ def evaluate(
         raise LLMTuneError(f"{path}: no held-out data; set data.eval or data.eval_split above 0")
     samples = samples[: recipe.eval.max_examples or len(samples)]
 
+    score = score_preferences if recipe.data.format == "preference" else score_model
     results, generations = {}, {}
-    results[label], generations[label] = score_model(model, tokenizer, samples, recipe)
+    results[label], generations[label] = score(model, tokenizer, samples, recipe)
     if compare_base:
         with _base_of(model, recipe) as base:
-            results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe)
+            results["base"], generations["base"] = score(base, tokenizer, samples, recipe)
 
     predictions = _prediction_rows(samples, tokenizer, generations)
     if out is not None:
@@ -116,7 +125,9 @@ def score_model(
     model.eval()
     results: dict[str, float] = {}
     if "perplexity" in wanted:
-        dataset, _ = encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, "eval data")
+        # Objectives without loss_on (grpo) are scored on their reference responses.
+        loss_on = getattr(recipe.objective, "loss_on", "response")
+        dataset, _ = encode_dataset(samples, tokenizer, recipe.data, loss_on, "eval data")
         nll, n = response_nll(model, tokenizer, dataset["input_ids"], dataset["labels"], recipe.eval.batch_size)
         results["perplexity"] = metrics.perplexity(nll, n)
         results["loss"] = nll / n
@@ -135,7 +146,71 @@ def score_model(
     return results, predictions
 
 
+def score_preferences(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[PreferenceSample], recipe: Recipe
+) -> tuple[dict[str, float], None]:
+    """Held-out preference accuracy (percent of pairs scoring chosen above rejected) and the mean score margin.
+
+    A language model scores a response by its log-probability summed over its tokens (EOS included), not
+    length-normalised: the quantity DPO's implicit reward is built on. A reward model scores prompt + response
+    with its scalar head.
+    """
+    model.eval()
+    dataset, _ = encode_preference_dataset(samples, tokenizer, recipe.data, "eval data")
+    reward_model = recipe.objective.model_kind == "sequence-classification"
+    scores = {}
+    for side in ("chosen", "rejected"):
+        prompts, responses = dataset["prompt_ids"], dataset[f"{side}_ids"]
+        input_ids = [p + r for p, r in zip(prompts, responses, strict=True)]
+        if reward_model:
+            scores[side] = sequence_rewards(model, tokenizer, input_ids, recipe.eval.batch_size)
+        else:
+            labels = [[IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses, strict=True)]
+            scores[side], _ = sequence_logps(model, tokenizer, input_ids, labels, recipe.eval.batch_size)
+    return {
+        "preference_accuracy": metrics.preference_accuracy(scores["chosen"], scores["rejected"]),
+        "reward_margin" if reward_model else "logp_margin": metrics.mean_margin(scores["chosen"], scores["rejected"]),
+    }, None
+
+
 @torch.no_grad()
+def sequence_rewards(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], batch_size: int
+) -> list[float]:
+    """A reward model's scalar for each sequence (read at its last non-pad token)."""
+    # The head finds each row's last token by the pad id; a base model loaded afresh may not name one.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rewards = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        rewards.extend(model(input_ids=ids, attention_mask=attn).logits[:, 0].float().tolist())
+    return rewards
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    batch_size: int,
+) -> tuple[list[float], list[int]]:
+    """Per row: the summed log-probability of its labels that are not -100, and how many there are."""
+    logps, counts = [], []
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
+        # Prompt tuning returns logits for its virtual tokens too; they come first.
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :].float()
+        shifted = lab[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        logps.extend((-nll.sum(dim=1)).tolist())
+        counts.extend((shifted != IGNORE_INDEX).sum(dim=1).tolist())
+    return logps, counts
+
+
 def response_nll(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -144,18 +219,8 @@ def response_nll(
     batch_size: int,
 ) -> tuple[float, int]:
     """Summed negative log-likelihood of every label that is not -100, and how many there are."""
-    total, count = 0.0, 0
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
-        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
-        # Prompt tuning returns logits for its virtual tokens too; they come first.
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :].float()
-        shifted = lab[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += nll.item()
-        count += int((shifted != IGNORE_INDEX).sum())
+    logps, counts = sequence_logps(model, tokenizer, input_ids, labels, batch_size)
+    total, count = -math.fsum(logps), sum(counts)
     if count == 0 or not math.isfinite(total):
         raise LLMTuneError(f"evaluation: negative log-likelihood is {total} over {count} tokens")
     return total, count

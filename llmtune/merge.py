@@ -111,4 +111,6 @@ def _probe_batch(run: artifacts.RunDir, tokenizer) -> dict[str, torch.Tensor]:
 def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
     logits = model(**batch).logits.float()
+    if logits.dim() == 2:  # one score per sequence (classification and reward heads): nothing to mask
+        return logits
     return logits * batch["attention_mask"][..., None]

@@ -1,9 +1,11 @@
-"""Metrics as pure functions of numbers and strings. Every score but perplexity is on a 0-100 scale."""
+"""Metrics as pure functions of numbers and strings. Every score but perplexity and margins is on a 0-100 scale."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
+from collections.abc import Callable
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:
@@ -44,3 +46,59 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     """Percentage of predictions equal to their reference after `normalize_answer`."""
     hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
     return 100 * hits / max(len(predictions), 1)
+
+
+def preference_accuracy(chosen_logps: list[float], rejected_logps: list[float]) -> float:
+    """Percentage of pairs whose chosen response is more likely than the rejected one; a tie is a miss."""
+    if not chosen_logps:
+        raise ValueError("preference accuracy over zero pairs")
+    wins = sum(c > r for c, r in zip(chosen_logps, rejected_logps, strict=True))
+    return 100 * wins / len(chosen_logps)
+
+
+def mean_margin(chosen_logps: list[float], rejected_logps: list[float]) -> float:
+    """Mean of log p(chosen) - log p(rejected) over pairs, in nats."""
+    if not chosen_logps:
+        raise ValueError("margin over zero pairs")
+    return math.fsum(c - r for c, r in zip(chosen_logps, rejected_logps, strict=True)) / len(chosen_logps)
+
+
+# --- rule-based rewards for RL (GRPO): one score per completion, 1.0 for right and 0.0 for wrong ------------
+
+
+def exact_match_reward(completions: list[str], references: list[str]) -> list[float]:
+    """1.0 where the completion equals its row's reference after `normalize_answer`."""
+    return [float(normalize_answer(c) == normalize_answer(r)) for c, r in zip(completions, references, strict=True)]
+
+
+def iso_date_reward(completions: list[str], references: list[str]) -> list[float]:
+    """1.0 where the whole completion is a valid calendar date written YYYY-MM-DD (the reference is not used)."""
+    return [float(_is_iso_date(c.strip())) for c in completions]
+
+
+def _is_iso_date(text: str) -> bool:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def similarity_reward(completions: list[str], references: list[str]) -> list[float]:
+    """difflib's ratio of matching characters between completion and reference, from 0 to 1: partial credit, so
+    a model that is never exactly right still gets a signal to improve on."""
+    import difflib
+
+    return [
+        difflib.SequenceMatcher(None, normalize_answer(c), normalize_answer(r)).ratio()
+        for c, r in zip(completions, references, strict=True)
+    ]
+
+
+REWARDS: dict[str, Callable[[list[str], list[str]], list[float]]] = {
+    "exact_match": exact_match_reward,
+    "iso_date": iso_date_reward,
+    "similarity": similarity_reward,
+}

@@ -284,8 +284,9 @@ class _Tiny:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = auto_class(kind).from_config(config)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
+        if getattr(model, "generation_config", None) is not None:  # heads that do not generate have none
+            model.generation_config.pad_token_id = tok.pad_token_id
+            model.generation_config.eos_token_id = tok.eos_token_id
         return model
 
 

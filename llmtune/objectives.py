@@ -6,14 +6,17 @@ This is the only module that imports trl, so TRL's moving API stays in one file.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmtune.data import IGNORE_INDEX
 from llmtune.loss import TargetedLoss
 from llmtune.recipe import Recipe
 from llmtune.training import guarded, use_bf16
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
     from llmtune.data import PreparedData
@@ -36,20 +39,12 @@ def check_engines(recipe: Recipe) -> None:
         raise LLMTuneError("training.deepspeed needs the deepspeed package: pip install deepspeed")
 
 
-def build_sft(
-    recipe: Recipe,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: PreparedData,
-    output_dir: Path,
-    callbacks: list[TrainerCallback],
-) -> Trainer:
+def training_args(config_class: type, recipe: Recipe, output_dir: Path, **fields):
+    """`config_class` (a TrainingArguments subclass) with the recipe's training settings and `fields` on top."""
     import torch
-    from trl import SFTConfig
 
     t = recipe.training
-    bf16 = use_bf16(recipe)
-    args = SFTConfig(
+    return config_class(
         output_dir=str(output_dir),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,
@@ -70,16 +65,8 @@ def build_sft(
         fsdp_config=t.fsdp_config or None,
         deepspeed=t.deepspeed,
         # Autocast only as training.bf16 says; TRL would otherwise switch bf16 on by itself.
-        bf16=bf16,
+        bf16=use_bf16(recipe),
         fp16=False,
-        # A pack is one row already; grouping packs by length would only reorder them.
-        train_sampling_strategy="group_by_length" if t.group_by_length and not recipe.data.packing else "random",
-        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
-        # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
-        max_length=recipe.data.max_length if recipe.data.packing else None,
-        packing=recipe.data.packing,
-        packing_strategy="bfd",
-        eval_packing=False,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=None,  # training.py rotates checkpoints itself, after each is complete
@@ -90,25 +77,62 @@ def build_sft(
         # Without use_cpu, a CPU-only machine under torchrun trains one independent copy per process.
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
+        **fields,
     )
+
+
+def build_sft(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    from trl import SFTConfig
+
+    t = recipe.training
+    args = training_args(
+        SFTConfig,
+        recipe,
+        output_dir,
+        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
+        # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
+        max_length=recipe.data.max_length if recipe.data.packing else None,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        eval_packing=False,
+        # A pack is one row already; grouping packs by length would only reorder them.
+        train_sampling_strategy="group_by_length" if t.group_by_length and not recipe.data.packing else "random",
+    )
+    trainer = _trainer(_sft_trainer_class(), args, recipe, model, tokenizer, data, output_dir, callbacks)
+    # Sharding engines own the head's weight outside their forward pass, so the head stays inside it there.
+    if t.fused_loss and not (t.fsdp or t.deepspeed) and model.get_output_embeddings() is not None:
+        trainer.llmtune_loss = TargetedLoss(model)
+    return trainer
+
+
+def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, **extra) -> Trainer:
+    """`trainer_class` built from a builder's arguments (see build_sft) and `args`, with llmtune's guards,
+    progress line and logs; `extra` goes to the trainer (e.g. a reference model)."""
+    import torch
+
     # With a cache object present, transformers does not derive per-row attention blocks from the
     # restarting position ids of a pack, and rows would attend to each other. Training needs no cache.
     model.config.use_cache = False
-    trainer = guarded(_sft_trainer_class())(
+    trainer = guarded(trainer_class)(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **extra,
     )
-    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in t.report_to)
-    # Sharding engines own the head's weight outside their forward pass, so the head stays inside it there.
-    if t.fused_loss and not (t.fsdp or t.deepspeed) and model.get_output_embeddings() is not None:
-        trainer.llmtune_loss = TargetedLoss(model)
+    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
     if recipe.method.name == "qlora":
-        # SFTTrainer casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute
-        # dtype so the adapter trains and saves at the precision the run directory promises.
+        # TRL casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute dtype so
+        # the adapter trains and saves at the precision the run directory promises.
         dtype = getattr(torch, recipe.method.compute_dtype)
         for p in model.parameters():
             if p.requires_grad:
@@ -143,8 +167,265 @@ def _sft_trainer_class() -> type[Trainer]:
     return LLMTuneSFTTrainer
 
 
+def _pretokenized(trainer_class: type[Trainer]) -> type[Trainer]:
+    """`trainer_class` taking data.py's token ids as they are: TRL would otherwise render and tokenize again."""
+
+    def _prepare_dataset(self, dataset, *args, **kwargs):
+        return dataset
+
+    return type(trainer_class.__name__, (trainer_class,), {"_prepare_dataset": _prepare_dataset})
+
+
+def _reference_model(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel | None:
+    """The frozen reference policy: None for an adapter (TRL switches the adapter off, no second copy);
+    otherwise a second copy of the base model, loaded the way the policy was (also for tiny: and builtin: models,
+    which TRL could not reload by name)."""
+    from peft import PeftModel
+
+    from llmtune.models import load_base_model
+
+    if isinstance(model, PeftModel):
+        return None
+    reference = load_base_model(recipe)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+# The builders below take the same arguments as build_sft.
+
+
+def build_dpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl import DPOConfig, DPOTrainer
+
+    objective = recipe.objective
+    args = training_args(
+        DPOConfig,
+        recipe,
+        output_dir,
+        beta=objective.beta,
+        loss_type=[objective.loss_type],
+        max_length=None,  # data.py has cut every pair to data.max_length
+    )
+    reference = _reference_model(recipe, model)
+    return _trainer(
+        _pretokenized(DPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks, ref_model=reference
+    )
+
+
+def build_orpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    args = training_args(ORPOConfig, recipe, output_dir, beta=recipe.objective.beta)
+    return _trainer(_from_pair_ids(ORPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks)
+
+
+def build_simpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    objective = recipe.objective
+    # SimPO is CPO's "simpo" loss without CPO's behaviour-cloning term (cpo_alpha = 0).
+    args = training_args(
+        CPOConfig,
+        recipe,
+        output_dir,
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=objective.beta,
+        simpo_gamma=objective.gamma,
+    )
+    return _trainer(_from_pair_ids(CPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks)
+
+
+def build_kto(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl import KTOConfig, KTOTrainer
+
+    objective = recipe.objective
+    args = training_args(
+        KTOConfig,
+        recipe,
+        output_dir,
+        beta=objective.beta,
+        desirable_weight=objective.desirable_weight,
+        undesirable_weight=objective.undesirable_weight,
+        loss_type=objective.loss_type,
+        max_length=None,  # data.py has cut every pair to data.max_length
+        # The KL estimate pairs each row with the previous row's completion, fixed when the data is prepared.
+        train_sampling_strategy="sequential" if objective.loss_type == "kto" else "random",
+    )
+    seed = recipe.training.seed
+    unpaired = replace(
+        data, train=_unpaired(data.train, seed), eval=_unpaired(data.eval, seed) if data.eval is not None else None
+    )
+    reference = _reference_model(recipe, model)
+    return _trainer(
+        _unpaired_kto(KTOTrainer), args, recipe, model, tokenizer, unpaired, output_dir, callbacks, ref_model=reference
+    )
+
+
+def _from_pair_ids(trainer_class: type[Trainer]) -> type[Trainer]:
+    """ORPO / CPO (trl.experimental) tokenizing rows from data.py's prompt / chosen / rejected ids."""
+
+    def tokenize_row(self, feature, model=None):
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            response = feature[f"{side}_ids"]
+            row[f"{side}_input_ids"] = prompt + response
+            row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(response))
+            row[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + response
+        return row
+
+    return type(trainer_class.__name__, (trainer_class,), {"tokenize_row": tokenize_row})
+
+
+def _unpaired(pairs: Dataset, seed: int) -> Dataset:
+    """Each pair as two KTO rows (chosen: label True, rejected: False), in a fixed shuffled order so a batch
+    mixes both labels and neighbours rarely share a prompt (KTO's KL estimate needs mismatched neighbours)."""
+    import random
+
+    from datasets import Dataset
+
+    rows = [
+        (prompt, response, side == "chosen_ids")
+        for side in ("chosen_ids", "rejected_ids")
+        for prompt, response in zip(pairs["prompt_ids"], pairs[side], strict=True)
+    ]
+    random.Random(seed).shuffle(rows)
+    prompts, completions, labels = zip(*rows, strict=True)
+    return Dataset.from_dict({"prompt_ids": prompts, "completion_ids": completions, "label": labels})
+
+
+def _unpaired_kto(trainer_class: type[Trainer]) -> type[Trainer]:
+    """KTO over data.py's unpaired token ids; adds the mismatched completions its KL estimate needs as TRL does:
+    within each batch, every row borrows the previous row's completion."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not self.calculate_KL:
+            return dataset
+
+        def rotate(batch):
+            return {"KL_completion_ids": [batch["completion_ids"][-1], *batch["completion_ids"][:-1]]}
+
+        return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return type(trainer_class.__name__, (trainer_class,), {"_prepare_dataset": _prepare_dataset})
+
+
+def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl import GRPOConfig, GRPOTrainer
+
+    objective = recipe.objective
+    args = training_args(
+        GRPOConfig,
+        recipe,
+        output_dir,
+        num_generations=objective.num_generations,
+        max_completion_length=objective.max_completion_length,
+        temperature=objective.temperature,
+        reward_weights=objective.reward_weights,
+        beta=0.0,  # no KL term: no reference model in memory (TRL's default, after DAPO / Dr. GRPO)
+    )
+    rewards = [_reward_function(name) for name in objective.rewards]
+    if objective.reward_model is not None:
+        rewards.append(_reward_model_function(Path(objective.reward_model), recipe.eval.batch_size))
+    # TRL evaluates by generating; `llmtune eval` scores the held-out prompts instead.
+    return _trainer(
+        GRPOTrainer,
+        args,
+        recipe,
+        model,
+        tokenizer,
+        replace(data, eval=None),
+        output_dir,
+        callbacks,
+        reward_funcs=rewards,
+    )
+
+
+def _reward_function(name: str):
+    """A metrics.REWARDS function as TRL calls it: completions (text or assistant messages) and dataset columns."""
+    from llmtune.metrics import REWARDS
+
+    score = REWARDS[name]
+
+    def reward(prompts, completions, reference, **columns):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return score(texts, reference)
+
+    reward.__name__ = name  # TRL logs rewards/NAME/mean under this name
+    return reward
+
+
+def build_reward_model(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    from trl import RewardConfig, RewardTrainer
+
+    args = training_args(
+        RewardConfig,
+        recipe,
+        output_dir,
+        center_rewards_coefficient=recipe.objective.center_rewards,
+        max_length=None,  # data.py has cut every pair to data.max_length
+    )
+    # The reward head reads whole sequences: prompt followed by each response.
+    sequences = replace(data, train=_whole_sequences(data.train), eval=_whole_sequences(data.eval))
+    return _trainer(RewardTrainer, args, recipe, model, tokenizer, sequences, output_dir, callbacks)
+
+
+def _whole_sequences(pairs: Dataset | None) -> Dataset | None:
+    if pairs is None:
+        return None
+
+    def join(row):
+        return {side: row["prompt_ids"] + row[side] for side in ("chosen_ids", "rejected_ids")}
+
+    return pairs.map(join, remove_columns=["prompt_ids"])
+
+
+def _reward_model_function(path: Path, batch_size: int):
+    """A reward model (run directory or checkpoint) as a TRL reward function. It scores each prompt + completion
+    encoded exactly as the reward model was trained on pairs (data.py), which TRL's own scoring would not do."""
+    import torch
+
+    from llmtune.artifacts import is_run_dir
+    from llmtune.data import Sample, encode_through_response
+    from llmtune.errors import LLMTuneError
+    from llmtune.evaluation import sequence_rewards
+    from llmtune.models import auto_class, load_tokenizer, load_tuned
+
+    if is_run_dir(path):
+        model, tokenizer = load_tuned(path)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+    else:
+        model, tokenizer = auto_class("sequence-classification").from_pretrained(path), load_tokenizer(str(path))
+    if getattr(model.config, "num_labels", None) != 1:
+        raise LLMTuneError(
+            f"{path}: objective.reward_model must give one score per sequence (a reward-model run or a "
+            f"sequence-classification checkpoint with num_labels=1); it has {model.config.num_labels} labels"
+        )
+    model.requires_grad_(False)
+
+    def reward_model(prompts, completions, **columns):
+        samples = [
+            Sample(messages=[*p, *c]) if isinstance(p, list) else Sample(segments=[(p, False), (c, True)])
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        with torch.no_grad():
+            return sequence_rewards(
+                model, tokenizer, [encode_through_response(s, tokenizer) for s in samples], batch_size
+            )
+
+    return reward_model
+
+
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
+    "dpo": build_dpo,
+    "orpo": build_orpo,
+    "simpo": build_simpo,
+    "kto": build_kto,
+    "grpo": build_grpo,
+    "reward-model": build_reward_model,
 }
 
 

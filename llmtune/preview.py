@@ -69,7 +69,9 @@ def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3
     """Encode the training split as `finetune` does, check every row, and keep the first `n` for display."""
     train, _ = split_samples(recipe)
     source = recipe.data.train
-    dataset, counts = encode_dataset(train, tokenizer, recipe.data, recipe.objective.loss_on, source)
+    # Objectives without loss_on show each row with its response (a preference pair: its chosen response).
+    loss_on = getattr(recipe.objective, "loss_on", "response")
+    dataset, counts = encode_dataset(train, tokenizer, recipe.data, loss_on, source)
     rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
     # Truncation cuts the EOS off the end of a row; only when it happened may a full-length row lack one.
     check_labels(rows, tokenizer, source, recipe.data.max_length if counts["truncated"] else None)

@@ -181,7 +181,101 @@ class SFTSpec(_ObjectiveOptions):
     )
 
 
-ObjectiveSpec = Annotated[Union[SFTSpec], Field(discriminator="name")]
+class _PreferenceOptions(_ObjectiveOptions):
+    """Objectives trained on `format: preference` rows (prompt, chosen, rejected)."""
+
+
+class DPOSpec(_PreferenceOptions):
+    name: Literal["dpo"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
+    )
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
+    ] = Field("sigmoid", description="'sigmoid' is the DPO paper's loss; the others are TRL's variants")
+
+
+class ORPOSpec(_PreferenceOptions):
+    name: Literal["orpo"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="weight of the odds-ratio term next to the chosen response's NLL"
+    )
+
+
+class SimPOSpec(_PreferenceOptions):
+    name: Literal["simpo"]
+    beta: float = Field(
+        2.0, gt=0, allow_inf_nan=False, description="scale of the reward, the length-normalised log-probability"
+    )
+    gamma: float = Field(0.5, ge=0, allow_inf_nan=False, description="target reward margin of chosen over rejected")
+
+
+class KTOSpec(_PreferenceOptions):
+    name: Literal["kto"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="loss weight of chosen responses (desirable examples)")
+    undesirable_weight: float = Field(1.0, gt=0, description="loss weight of rejected responses (undesirable examples)")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="'kto' (the paper's loss, with a KL estimate) or 'apo_zero_unpaired'"
+    )
+
+
+class RewardModelSpec(_PreferenceOptions):
+    """A scalar reward r(prompt, response) trained so that r(chosen) > r(rejected) (Bradley-Terry loss)."""
+
+    name: Literal["reward-model"]
+    model_kind: ClassVar[str] = "sequence-classification"
+    center_rewards: float | None = Field(
+        None, ge=0, description="weight of a penalty on the mean reward, keeping rewards centred on 0 (e.g. 0.01)"
+    )
+
+    def head_config(self) -> dict[str, Any]:
+        return {"num_labels": 1}
+
+
+RewardName = Literal["exact_match", "iso_date", "similarity"]
+
+
+class GRPOSpec(_ObjectiveOptions):
+    name: Literal["grpo"]
+    reward: Union[RewardName, list[RewardName]] = Field(
+        "exact_match",
+        description="rule-based reward(s): exact_match (completion equals the row's reference), iso_date "
+        "(completion is a valid YYYY-MM-DD date), similarity (partial credit: character overlap with the "
+        "reference); several are summed",
+    )
+    reward_model: str | None = Field(
+        None,
+        description="also score completions with a reward model: a reward-model run directory or a local "
+        "sequence-classification checkpoint (relative to the recipe file)",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="one weight per reward (the reward model's last); default all 1"
+    )
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt; advantages compare them")
+    max_completion_length: int = Field(32, gt=0, description="tokens generated per completion")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="sampling temperature; diversity in a group")
+
+    @property
+    def rewards(self) -> list[str]:
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward)
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOSpec:
+        n = len(self.rewards) + (self.reward_model is not None)
+        if n == 0:
+            raise ValueError("reward: name at least one reward, or set reward_model")
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {n} rewards")
+        return self
+
+
+ObjectiveSpec = Annotated[
+    Union[SFTSpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec, GRPOSpec, RewardModelSpec],
+    Field(discriminator="name"),
+]
 
 
 class DataSpec(_Spec):
@@ -189,7 +283,7 @@ class DataSpec(_Spec):
     eval: str | None = Field(None, description="held-out data; if absent, eval_split of train is held out")
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when eval is absent")
     split: str = Field("train", description="split to read from a hub dataset or a DatasetDict directory")
-    format: Literal["chat", "instruction", "prompt_completion", "text"] = "chat"
+    format: Literal["chat", "instruction", "prompt_completion", "text", "preference"] = "chat"
     columns: dict[str, str] = Field(
         default_factory=dict, description="map our column names to yours, e.g. {messages: conversations}"
     )
@@ -275,6 +369,9 @@ class Recipe(_Spec):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
+        _check_preference(self)
+        _check_grpo(self)
+        _check_adapter_on_head(self)
         if self.data.format == "text" and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
@@ -289,6 +386,60 @@ class Recipe(_Spec):
                 "which gradient checkpointing switches off; set it to false"
             )
         return self
+
+
+def _check_preference(recipe: Recipe) -> None:
+    """Preference objectives and preference data come together, and a pair cannot be packed."""
+    objective, data = recipe.objective, recipe.data
+    preference_objective = isinstance(objective, _PreferenceOptions)
+    if preference_objective and data.format != "preference":
+        raise ValueError(
+            f"data.format: objective {objective.name} trains on pairs of responses; set data.format: preference "
+            "(columns prompt, chosen, rejected)"
+        )
+    if data.format == "preference" and not preference_objective:
+        names = ", ".join(
+            n
+            for m in _models_in(ObjectiveSpec)
+            if issubclass(m, _PreferenceOptions)
+            for n in m.model_fields["name"].annotation.__args__
+        )
+        raise ValueError(f"data.format: preference data needs a preference objective ({names}), not {objective.name}")
+    if preference_objective and data.packing:
+        raise ValueError(
+            f"data.packing: {objective.name} compares a chosen and a rejected sequence row by row; pairs cannot be "
+            "packed; set data.packing: false"
+        )
+
+
+def _check_adapter_on_head(recipe: Recipe) -> None:
+    # TRL's DPO, KTO and GRPO trainers compute log-probabilities from lm_head.weight directly, so an adapter
+    # on the head would never train; TRL would refuse only after the model has loaded.
+    targets = getattr(recipe.method, "target_modules", None)
+    if recipe.objective.name in ("dpo", "kto", "grpo") and isinstance(targets, list) and "lm_head" in targets:
+        raise ValueError(
+            f"method.target_modules: {recipe.objective.name} reads the output head's weights directly, so an adapter "
+            "on lm_head would never train; remove lm_head from target_modules"
+        )
+
+
+def _check_grpo(recipe: Recipe) -> None:
+    objective, data, t = recipe.objective, recipe.data, recipe.training
+    if not isinstance(objective, GRPOSpec):
+        return
+    if data.format not in ("prompt_completion", "chat", "instruction"):
+        raise ValueError(
+            f"data.format: grpo samples completions for prompts and scores them against each row's reference; "
+            f"use prompt_completion (or chat / instruction), not {data.format}"
+        )
+    if data.packing:
+        raise ValueError("data.packing: grpo generates from single prompts; set data.packing: false")
+    if (t.batch_size * t.grad_accum) % objective.num_generations:
+        raise ValueError(
+            f"training.batch_size: grpo fills each step with whole groups of "
+            f"num_generations={objective.num_generations} completions; batch_size x grad_accum "
+            f"({t.batch_size} x {t.grad_accum}) must be a multiple of it"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -398,7 +549,18 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     model = recipe.model
     if not model.startswith(("builtin:", "tiny:")) and (base / model).is_dir():
         model = str((base / model).resolve())
-    return recipe.model_copy(update={"data": data.model_copy(update=updates), "model": model, "training": training})
+    objective = recipe.objective
+    if getattr(objective, "reward_model", None) is not None:
+        scorer = (base / objective.reward_model).expanduser()
+        if not scorer.is_dir():
+            raise LLMTuneError(
+                f"{scorer}: objective.reward_model directory not found (a reward-model run directory or a "
+                "sequence-classification checkpoint; paths are relative to the recipe file)"
+            )
+        objective = objective.model_copy(update={"reward_model": str(scorer.resolve())})
+    return recipe.model_copy(
+        update={"data": data.model_copy(update=updates), "model": model, "training": training, "objective": objective}
+    )
 
 
 def is_local_data_ref(ref: str) -> bool:

@@ -128,7 +128,7 @@ def finetune(
             "parameters": counts,
             "data": data.report,
         }
-        if data.eval is not None:
+        if trainer.eval_dataset is not None:  # objectives that generate (grpo) leave held-out data to `eval`
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         # Mixed precision wrapped the model's forward in autocast; what is saved and used from here on computes
         # in the model's own dtype.
@@ -249,9 +249,9 @@ def _print_data_report(report: dict[str, Any], max_length: int) -> None:
         cut = ""
         if c["truncated"] or c["dropped"]:
             cut = f"; over max_length={max_length}: {c['truncated']} truncated, {c['dropped']} dropped"
-        print(
-            f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens, {c['loss_tokens']:,} carry loss{cut}", flush=True
-        )
+        # Objectives that generate their completions (grpo) have no loss-bearing tokens in the data.
+        loss = f", {c['loss_tokens']:,} carry loss" if "loss_tokens" in c else ""
+        print(f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens{loss}{cut}", flush=True)
 
 
 def _jsonl_log_callback(path: Path):

@@ -32,10 +32,11 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     if len(columns) == 2:
         columns.append("delta")
     metrics = list(dict.fromkeys(k for r in results.values() for k in r))
-    lines = [f"{'metric':<12}" + "".join(f"{c:>12}" for c in columns)]
+    width = max(12, *(len(name) + 1 for name in metrics))
+    lines = [f"{'metric':<{width}}" + "".join(f"{c:>12}" for c in columns)]
     for name in metrics:
         cells = [results[c].get(name) for c in columns if c != "delta"]
         if "delta" in columns:
             cells.append(cells[1] - cells[0] if None not in cells else None)
-        lines.append(f"{name:<12}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
     return "\n".join(lines)

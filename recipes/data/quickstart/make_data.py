@@ -3,6 +3,10 @@
 A small instruct model answers these with prose or wrong numbers; a few dozen LoRA steps teach it the
 format and the month table, so exact match rises and perplexity falls. Deterministic: rerun to rebuild.
 
+It also writes preference pairs for the same prompts (pref_train.jsonl, pref_eval.jsonl): chosen is the
+correct ISO date, rejected a plausible wrong one (day and month swapped, a day off, a year off, or the
+date echoed in its input format), for the dpo / orpo / simpo / kto / reward-model recipes.
+
     python recipes/data/quickstart/make_data.py [OUT_DIR]
 """
 
@@ -47,12 +51,40 @@ def make_rows(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+def wrong_date(day: datetime.date, text: str, rng: random.Random) -> str:
+    """A mistake a model makes on this task: never the right answer."""
+    mistakes = [
+        lambda: (day + datetime.timedelta(days=rng.choice([-1, 1]))).isoformat(),
+        lambda: f"{day.year + rng.choice([-1, 1])}{day.isoformat()[4:]}",
+        lambda: f"{day.year}-{day.day:02d}-{day.month:02d}" if day.day != day.month and day.day <= 12 else "",
+        lambda: text,
+    ]
+    while True:
+        answer = rng.choice(mistakes)()
+        if answer and answer != day.isoformat():
+            return answer
+
+
+def preference_rows(rows: list[dict], rng: random.Random) -> list[dict]:
+    pairs = []
+    for row in rows:
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        text = prompt.split(": ", 1)[1]
+        rejected = wrong_date(datetime.date.fromisoformat(answer), text, rng)
+        pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
+    return pairs
+
+
 def main(out: Path) -> None:
     rng = random.Random(1234)
+    # A separate generator for the pairs, so adding them left the SFT files byte for byte as they were.
+    pair_rng = random.Random(4321)
     out.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", 480), ("eval", 64)):
-        lines = [json.dumps(row) for row in make_rows(n, rng)]
-        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        rows = make_rows(n, rng)
+        for prefix, written in (("", rows), ("pref_", preference_rows(rows, pair_rng))):
+            lines = [json.dumps(row) for row in written]
+            (out / f"{prefix}{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
