@@ -431,6 +431,9 @@ def encode_dataset(
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    special = _PREPARERS.get(recipe.objective.name)
+    if special is not None:
+        return special(recipe, tokenizer)
     train_samples, eval_samples = split_samples(recipe)
     loss_on = recipe.objective.loss_on
     train, train_counts = encode_dataset(train_samples, tokenizer, recipe.data, loss_on, recipe.data.train)
@@ -441,3 +444,63 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
             eval_samples, tokenizer, recipe.data, loss_on, recipe.data.eval or recipe.data.train
         )
     return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
+
+
+# --- language modelling: text packed into fixed-length blocks ---------------------------------------
+
+
+def group_texts(rows: list[list[int]], eos_id: int, block: int, keep_remainder: bool) -> tuple[list[list[int]], int]:
+    """Join token rows, each followed by EOS, into one stream and cut it into `block`-token blocks.
+
+    Returns the blocks and how many tokens were dropped: the tail shorter than a block, unless
+    `keep_remainder` makes it a last, shorter block (held-out text, so every token is scored).
+    """
+    stream = [t for ids in rows for t in (*ids, eos_id)]
+    n_full = len(stream) // block
+    blocks = [stream[i * block : (i + 1) * block] for i in range(n_full)]
+    rest = stream[n_full * block :]
+    if keep_remainder and rest:
+        blocks.append(rest)
+        rest = []
+    return blocks, len(rest)
+
+
+def lm_blocks(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, block: int, keep_remainder: bool, source: str
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Blocks of token ids for objective lm, and counts for the data report."""
+    if tokenizer.eos_token_id is None:
+        raise LLMTuneError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents with")
+    # No special tokens per row: documents are separated by EOS only, as in the classic group-texts recipe.
+    rows = [tokenizer("".join(t for t, _ in s.segments), add_special_tokens=False)["input_ids"] for s in samples]
+    blocks, remainder = group_texts(rows, tokenizer.eos_token_id, block, keep_remainder)
+    if not blocks:
+        total = sum(len(r) + 1 for r in rows)
+        raise LLMTuneError(
+            f"{source}: the text is {total} tokens, less than one block of data.max_length={block}; "
+            "lower data.max_length or add text"
+        )
+    tokens = sum(len(b) for b in blocks)
+    counts = {"rows": len(blocks), "documents": len(rows), "truncated": 0, "dropped": 0, "tokens": tokens}
+    return blocks, {**counts, "loss_tokens": tokens, "remainder_tokens": remainder}
+
+
+def prepare_blocks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Objective lm: every token carries loss; training drops the tail shorter than a block, held-out keeps it."""
+    from datasets import Dataset
+
+    train_samples, eval_samples = split_samples(recipe)
+    block = recipe.data.max_length
+    datasets, report = {}, {}
+    for split, samples, keep, source in (
+        ("train", train_samples, False, recipe.data.train),
+        ("eval", eval_samples, True, recipe.data.eval or recipe.data.train),
+    ):
+        if samples:
+            blocks, report[split] = lm_blocks(samples, tokenizer, block, keep, source)
+            datasets[split] = Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
+    return PreparedData(train=datasets["train"], eval=datasets.get("eval"), eval_samples=eval_samples, report=report)
+
+
+# Objectives whose data is not one tokenized row per sample.
+_PREPARERS = {"lm": prepare_blocks}

@@ -12,7 +12,7 @@ import torch
 
 from llmtune import artifacts, metrics
 from llmtune.artifacts import RunDir, is_run_dir
-from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
+from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, lm_blocks, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_base_model, load_model, load_tokenizer, load_tuned
 from llmtune.recipe import Recipe, load_recipe
@@ -112,6 +112,9 @@ def score_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
 ) -> tuple[dict[str, float], list[str] | None]:
     """The recipe's metrics for one model, and its generations (None when no generation metric applies)."""
+    scorer = _OBJECTIVE_SCORERS.get(recipe.objective.name)
+    if scorer is not None:
+        return scorer(model, tokenizer, samples, recipe)
     wanted = recipe.eval.metrics
     model.eval()
     results: dict[str, float] = {}
@@ -133,6 +136,19 @@ def score_model(
     if "exact_match" in wanted:
         results["exact_match"] = metrics.exact_match(predictions, references)
     return results, predictions
+
+
+def score_lm(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
+) -> tuple[dict[str, float], None]:
+    """Perplexity over every held-out token, in the same blocks training used (the short last block kept)."""
+    model.eval()
+    blocks, _ = lm_blocks(samples, tokenizer, recipe.data.max_length, keep_remainder=True, source="eval data")
+    nll, n = response_nll(model, tokenizer, blocks, blocks, recipe.eval.batch_size)
+    return {"perplexity": metrics.perplexity(nll, n), "loss": nll / n}, None
+
+
+_OBJECTIVE_SCORERS = {"lm": score_lm}
 
 
 @torch.no_grad()

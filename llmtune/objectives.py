@@ -46,8 +46,47 @@ def build_sft(
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    t = recipe.training
     args = SFTConfig(
+        **_training_arguments(
+            recipe,
+            output_dir,
+            # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
+            # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
+            max_length=recipe.data.max_length if recipe.data.packing else None,
+            packing=recipe.data.packing,
+            packing_strategy="bfd",
+            eval_packing=False,
+        )
+    )
+    # With a cache object present, transformers does not derive per-row attention blocks from the
+    # restarting position ids of a pack, and rows would attend to each other. Training needs no cache.
+    model.config.use_cache = False
+    trainer = guarded(SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
+    if recipe.method.name == "qlora":
+        # SFTTrainer casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute
+        # dtype so the adapter trains and saves at the precision the run directory promises.
+        dtype = getattr(torch, recipe.method.compute_dtype)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
+    return trainer
+
+
+def _training_arguments(recipe: Recipe, output_dir: Path, **overrides) -> dict:
+    """TrainingArguments fields every objective shares (steps, optimizer, seeds, checkpoints, logging, device);
+    `overrides` adds or replaces fields of a trainer's own config class (e.g. SFTConfig's packing)."""
+    import torch
+
+    t = recipe.training
+    fields = dict(
         output_dir=str(output_dir),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,
@@ -67,50 +106,27 @@ def build_sft(
         fsdp=True if t.fsdp else None,
         fsdp_config=t.fsdp_config or None,
         deepspeed=t.deepspeed,
-        # The model is already in the recipe's dtype; TRL's default bf16 autocast would change the numbers.
+        # The model is already in the recipe's dtype; a default bf16 autocast would change the numbers.
         bf16=False,
         fp16=False,
-        # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
-        # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
-        max_length=recipe.data.max_length if recipe.data.packing else None,
-        packing=recipe.data.packing,
-        packing_strategy="bfd",
-        eval_packing=False,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=None,  # training.py rotates checkpoints itself, after each is complete
         eval_strategy="no",
-        # TensorBoard is attached below with a fixed directory; other trackers are passed through.
+        # TensorBoard is attached by _use_llmtune_logging with a fixed directory; other trackers are passed through.
         report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without use_cpu, a CPU-only machine under torchrun trains one independent copy per process.
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
     )
-    # With a cache object present, transformers does not derive per-row attention blocks from the
-    # restarting position ids of a pack, and rows would attend to each other. Training needs no cache.
-    model.config.use_cache = False
-    trainer = guarded(SFTTrainer)(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in t.report_to)
-    if recipe.method.name == "qlora":
-        # SFTTrainer casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute
-        # dtype so the adapter trains and saves at the precision the run directory promises.
-        dtype = getattr(torch, recipe.method.compute_dtype)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(dtype)
-    return trainer
+    return {**fields, **overrides}
 
 
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
+    # Continued pretraining is SFT over text blocks whose every token is a label (see data.prepare_blocks).
+    "lm": build_sft,
 }
 
 

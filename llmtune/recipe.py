@@ -167,7 +167,14 @@ class SFTSpec(_ObjectiveOptions):
     )
 
 
-ObjectiveSpec = Annotated[Union[SFTSpec], Field(discriminator="name")]
+class LMSpec(_ObjectiveOptions):
+    """Language modelling / continued pretraining: text joined with EOS and cut into data.max_length blocks."""
+
+    name: Literal["lm"]
+    eval_metrics: ClassVar[tuple[str, ...]] = ("perplexity",)
+
+
+ObjectiveSpec = Annotated[Union[SFTSpec, LMSpec], Field(discriminator="name")]
 
 
 class DataSpec(_Spec):
@@ -245,7 +252,7 @@ class Recipe(_Spec):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
-        if self.data.format == "text" and self.objective.loss_on == "response":
+        if self.data.format == "text" and isinstance(self.objective, SFTSpec) and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
         if self.data.packing and self.method.name in ("prefix", "prompt", "p-tuning"):
@@ -258,6 +265,25 @@ class Recipe(_Spec):
                 "training.gradient_checkpointing: prefix tuning feeds its prefixes through the key/value cache, "
                 "which gradient checkpointing switches off; set it to false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_objective_data(self) -> Recipe:
+        objective = self.objective.name
+        if objective == "lm":
+            if self.data.format != "text":
+                raise ValueError("data.format: objective lm trains on plain text; set data.format: text")
+            if self.data.packing:
+                raise ValueError("data.packing: objective lm already packs the text into data.max_length blocks")
+        allowed = getattr(type(self.objective), "eval_metrics", None)
+        if allowed is not None:
+            if "metrics" not in self.eval.model_fields_set:
+                self.eval.metrics = list(allowed)
+            elif bad := [m for m in self.eval.metrics if m not in allowed]:
+                raise ValueError(
+                    f"eval.metrics: {', '.join(bad)} do not apply to objective {objective}; it reports "
+                    f"{', '.join(allowed)}"
+                )
         return self
 
 

@@ -214,6 +214,10 @@ def _print_data_report(report: dict[str, Any], max_length: int) -> None:
         cut = ""
         if c["truncated"] or c["dropped"]:
             cut = f"; over max_length={max_length}: {c['truncated']} truncated, {c['dropped']} dropped"
+        if "remainder_tokens" in c:
+            cut = f" in blocks of {max_length} from {c['documents']} documents"
+            if c["remainder_tokens"]:
+                cut += f"; the last {c['remainder_tokens']} tokens, shorter than a block, are not trained on"
         print(
             f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens, {c['loss_tokens']:,} carry loss{cut}", flush=True
         )
