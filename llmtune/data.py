@@ -33,6 +33,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "input", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "classification": ("text", "label"),
 }
 OPTIONAL_COLUMNS = {"input"}
 # ShareGPT-style rows ({"from": "human", "value": ...}) are common enough to accept as they are.
@@ -45,6 +46,7 @@ class Sample:
 
     messages: list[dict[str, str]] | None = None
     segments: list[tuple[str, bool]] | None = None  # (text, carries loss); EOS is added after the last
+    label: int | None = None  # format classification: index into objective.labels
 
     def prompt_and_reference(self) -> tuple[Sample, str] | None:
         """The part a model is given at inference, and the response it should produce (None for plain text)."""
@@ -72,7 +74,8 @@ class PreparedData:
         for dataset in (self.train, self.eval):
             for column in ("input_ids", "labels"):
                 for row in dataset[column] if dataset is not None else []:
-                    digest.update(array.array("q", row).tobytes())
+                    # A classifier's label is one index, not a list.
+                    digest.update(array.array("q", row if isinstance(row, list) else [row]).tobytes())
         return digest.hexdigest()
 
 
@@ -199,9 +202,12 @@ def check_columns(rows: Sequence[dict[str, Any]], spec: DataSpec, source: str) -
             )
 
 
-def to_sample(row: dict[str, Any], spec: DataSpec, where: str) -> Sample:
-    """Format one row; `where` names the file and row in errors."""
+def to_sample(row: dict[str, Any], spec: DataSpec, where: str, labels: list[str] | None = None) -> Sample:
+    """Format one row; `where` names the file and row in errors; `labels` are the classes of format classification."""
     col = {c: spec.columns.get(c, c) for c in FORMAT_COLUMNS[spec.format]}
+    if spec.format == "classification":
+        text = _text(row.get(col["text"]), where, col["text"])
+        return Sample(segments=[(text, False)], label=label_index(row.get(col["label"]), labels, where, col["label"]))
     if spec.format == "text":
         text = _text(row.get(col["text"]), where, col["text"])
         return Sample(segments=[(text, True)])
@@ -254,18 +260,34 @@ def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
     return messages
 
 
-def load_samples(ref: str, spec: DataSpec) -> list[Sample]:
+def label_index(value: Any, labels: list[str], where: str, column: str) -> int:
+    """A label given by name, or by index (an int, or digits as a CSV file holds it)."""
+    if isinstance(value, str) and value in labels:
+        return labels.index(value)
+    index = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and value.strip().isdigit():
+        index = int(value)
+    if index is not None and 0 <= index < len(labels):
+        return index
+    raise LLMTuneError(
+        f"{where}: {column} {value!r} is not one of objective.labels ({', '.join(labels)}) nor an index 0-"
+        f"{len(labels) - 1}; fix the row or add the label to objective.labels"
+    )
+
+
+def load_samples(ref: str, spec: DataSpec, labels: list[str] | None = None) -> list[Sample]:
     rows = load_rows(ref, spec.split)
     check_columns(rows, spec, ref)
-    return [to_sample(row, spec, f"{ref}: row {i}") for i, row in enumerate(rows, 1)]
+    return [to_sample(row, spec, f"{ref}: row {i}", labels) for i, row in enumerate(rows, 1)]
 
 
 def split_samples(recipe: Recipe) -> tuple[list[Sample], list[Sample]]:
     """Train and held-out samples, the held-out part drawn by `training.seed` when `data.eval` is absent."""
     spec = recipe.data
-    train = load_samples(spec.train, spec)
+    labels = getattr(recipe.objective, "labels", None)
+    train = load_samples(spec.train, spec, labels)
     if spec.eval is not None:
-        return train, load_samples(spec.eval, spec)
+        return train, load_samples(spec.eval, spec, labels)
     if spec.eval_split == 0 or len(train) < 2:
         return train, []
     order = list(range(len(train)))
@@ -502,5 +524,52 @@ def prepare_blocks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
     return PreparedData(train=datasets["train"], eval=datasets.get("eval"), eval_samples=eval_samples, report=report)
 
 
+# --- classification: one text and its label index per row ------------------------------------------
+
+
+def encode_classification(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, labels: list[str], source: str
+) -> tuple[Dataset, dict[str, Any]]:
+    """Token ids with the tokenizer's own special tokens (an encoder pools its [CLS]), and label indices."""
+    from datasets import Dataset
+
+    input_ids, targets = [], []
+    truncated = dropped = 0
+    for sample in samples:
+        ids = tokenizer(sample.segments[0][0], add_special_tokens=True)["input_ids"]
+        if len(ids) > spec.max_length:
+            if spec.overflow == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            # Keep a closing special token (BERT's [SEP]): the encoder was pretrained to see one.
+            closing = ids[-1:] if ids[-1] in tokenizer.all_special_ids else []
+            ids = ids[: spec.max_length - len(closing)] + closing
+        input_ids.append(ids)
+        targets.append(sample.label)
+    if not input_ids:
+        raise LLMTuneError(f"{source}: every row is longer than data.max_length={spec.max_length} tokens")
+    counts = {
+        "rows": len(input_ids),
+        "truncated": truncated,
+        "dropped": dropped,
+        "tokens": sum(len(x) for x in input_ids),
+        "labels": {name: targets.count(i) for i, name in enumerate(labels)},
+    }
+    return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
+
+
+def prepare_classification(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    train_samples, eval_samples = split_samples(recipe)
+    labels = recipe.objective.labels
+    report: dict[str, Any] = {}
+    train, report["train"] = encode_classification(train_samples, tokenizer, recipe.data, labels, recipe.data.train)
+    eval_ds = None
+    if eval_samples:
+        source = recipe.data.eval or recipe.data.train
+        eval_ds, report["eval"] = encode_classification(eval_samples, tokenizer, recipe.data, labels, source)
+    return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
+
+
 # Objectives whose data is not one tokenized row per sample.
-_PREPARERS = {"lm": prepare_blocks}
+_PREPARERS = {"lm": prepare_blocks, "classify": prepare_classification}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +12,15 @@ import torch
 
 from llmtune import artifacts, metrics
 from llmtune.artifacts import RunDir, is_run_dir
-from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, lm_blocks, split_samples
+from llmtune.data import (
+    IGNORE_INDEX,
+    Sample,
+    encode_classification,
+    encode_dataset,
+    encode_prompt,
+    lm_blocks,
+    split_samples,
+)
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_base_model, load_model, load_tokenizer, load_tuned
 from llmtune.recipe import Recipe, load_recipe
@@ -30,6 +38,7 @@ class EvalReport:
     predictions: list[dict[str, Any]]
     out: Path | None
     examples: int
+    notes: list[str] = field(default_factory=list)  # what a reader must know to read the numbers
 
 
 def evaluate(
@@ -43,6 +52,8 @@ def evaluate(
     if is_run_dir(path):
         artifacts.open_run(path)
         recipe = load_recipe(path / artifacts.RECIPE_FILE, overrides)
+        # A new head (classification) is initialised from the torch seed: the same one training started from.
+        torch.manual_seed(recipe.training.seed)
         model, tokenizer = load_tuned(path)
         label = "tuned"
         out = out or path / artifacts.EVAL_FILE
@@ -51,6 +62,7 @@ def evaluate(
             artifacts.open_run(path)  # says why this directory is not a run
         recipe = load_recipe(path, overrides)
         tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
+        torch.manual_seed(recipe.training.seed)
         model = load_base_model(recipe, quantized=False)
         label, compare_base = "base", False
     _, samples = split_samples(recipe)
@@ -64,6 +76,12 @@ def evaluate(
         with _base_of(model, recipe) as base:
             results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe)
 
+    notes = []
+    if "base" in results and recipe.objective.model_kind == "sequence-classification":
+        notes.append(
+            "base: its classification head is new and untrained (initialised from training.seed), so its scores "
+            "are those of the head training started from, near chance"
+        )
     predictions = _prediction_rows(samples, tokenizer, generations)
     if out is not None:
         artifacts.write_json(out, results)
@@ -71,7 +89,7 @@ def evaluate(
             artifacts.write_jsonl(_predictions_path(out, path), predictions)
     if label == "tuned" and out == path / artifacts.EVAL_FILE:
         write_run_report(RunDir(path))
-    return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples))
+    return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples), notes=notes)
 
 
 @contextlib.contextmanager
@@ -81,6 +99,7 @@ def _base_of(model: PreTrainedModel, recipe: Recipe):
         with model.disable_adapter():
             yield model
     else:
+        torch.manual_seed(recipe.training.seed)
         yield load_base_model(recipe, quantized=False)
 
 
@@ -148,7 +167,34 @@ def score_lm(
     return {"perplexity": metrics.perplexity(nll, n), "loss": nll / n}, None
 
 
-_OBJECTIVE_SCORERS = {"lm": score_lm}
+def score_classify(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
+) -> tuple[dict[str, float], None]:
+    """Accuracy and macro-F1 of the most probable label, on rows tokenized as in training."""
+    labels = recipe.objective.labels
+    dataset, _ = encode_classification(samples, tokenizer, recipe.data, labels, "eval data")
+    probs = class_probabilities(model, tokenizer, dataset["input_ids"], recipe.eval.batch_size)
+    predicted = probs.argmax(-1).tolist()
+    references = dataset["labels"]
+    results = {"accuracy": metrics.accuracy(predicted, references)}
+    results["f1"] = metrics.macro_f1(predicted, references, len(labels))
+    return {m: results[m] for m in recipe.eval.metrics}, None
+
+
+@torch.no_grad()
+def class_probabilities(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], batch_size: int
+) -> torch.Tensor:
+    """Softmax over a classifier's labels for each row, right-padded (decoders pool the last real token)."""
+    model.eval()
+    out = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        out.append(model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1))
+    return torch.cat(out)
+
+
+_OBJECTIVE_SCORERS = {"lm": score_lm, "classify": score_classify}
 
 
 @torch.no_grad()
@@ -235,7 +281,10 @@ def complete(
     system_prompt = None
     if is_run_dir(path):
         model, tokenizer = load_tuned(path)
-        data = load_recipe(path / artifacts.RECIPE_FILE).data
+        recipe = load_recipe(path / artifacts.RECIPE_FILE)
+        if recipe.objective.model_kind == "sequence-classification":
+            return classify_text(model, tokenizer, prompt, recipe)
+        data = recipe.data
         use_template = data.chat_template and data.format != "text"
         system_prompt = data.system_prompt
     else:
@@ -252,3 +301,12 @@ def complete(
         model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens, 1, temperature, top_k, top_p
     )
     return text
+
+
+def classify_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, recipe: Recipe) -> str:
+    """The predicted label of one text, then every label's probability, most probable first."""
+    sample = Sample(segments=[(text, False)], label=0)
+    dataset, _ = encode_classification([sample], tokenizer, recipe.data, recipe.objective.labels, "the prompt")
+    [probs] = class_probabilities(model, tokenizer, dataset["input_ids"], 1).tolist()
+    ranked = sorted(zip(recipe.objective.labels, probs, strict=True), key=lambda item: -item[1])
+    return f"{ranked[0][0]}  ({', '.join(f'{name} {p:.3f}' for name, p in ranked)})"

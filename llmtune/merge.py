@@ -104,4 +104,6 @@ def _probe_batch(run: artifacts.RunDir, tokenizer) -> dict[str, torch.Tensor]:
 def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
     logits = model(**batch).logits.float()
+    if logits.dim() == 2:
+        return logits  # a classifier: one row of label logits per sequence, no padding positions
     return logits * batch["attention_mask"][..., None]

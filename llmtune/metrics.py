@@ -44,3 +44,19 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     """Percentage of predictions equal to their reference after `normalize_answer`."""
     hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
     return 100 * hits / max(len(predictions), 1)
+
+
+def accuracy(predictions: list[int], references: list[int]) -> float:
+    """Percentage of predicted class indices equal to the reference."""
+    hits = sum(p == r for p, r in zip(predictions, references, strict=True))
+    return 100 * hits / max(len(predictions), 1)
+
+
+def macro_f1(predictions: list[int], references: list[int], n_classes: int) -> float:
+    """Unweighted mean over classes of per-class F1, times 100; a class never predicted nor present scores 0."""
+    scores = []
+    for c in range(n_classes):
+        tp = sum(p == c and r == c for p, r in zip(predictions, references, strict=True))
+        predicted, actual = predictions.count(c), references.count(c)
+        scores.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
+    return 100 * sum(scores) / max(n_classes, 1)

@@ -80,6 +80,32 @@ def build_sft(
     return trainer
 
 
+def build_classify(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    """Sequence classification with transformers' Trainer: cross-entropy of the head's logits on the label."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    args = TrainingArguments(**_training_arguments(recipe, output_dir))
+    model.config.use_cache = False
+    trainer = guarded(Trainer)(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=callbacks,
+    )
+    _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
+    return trainer
+
+
 def _training_arguments(recipe: Recipe, output_dir: Path, **overrides) -> dict:
     """TrainingArguments fields every objective shares (steps, optimizer, seeds, checkpoints, logging, device);
     `overrides` adds or replaces fields of a trainer's own config class (e.g. SFTConfig's packing)."""
@@ -127,6 +153,7 @@ OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
     # Continued pretraining is SFT over text blocks whose every token is a label (see data.prepare_blocks).
     "lm": build_sft,
+    "classify": build_classify,
 }
 
 

@@ -174,7 +174,34 @@ class LMSpec(_ObjectiveOptions):
     eval_metrics: ClassVar[tuple[str, ...]] = ("perplexity",)
 
 
-ObjectiveSpec = Annotated[Union[SFTSpec, LMSpec], Field(discriminator="name")]
+class ClassifySpec(_ObjectiveOptions):
+    """Sequence classification: a new head over the model maps each text to one of `labels`."""
+
+    name: Literal["classify"]
+    labels: list[str] = Field(
+        min_length=2, description="class names; a row's label is one of them or its index (0 = the first)"
+    )
+    model_kind: ClassVar[str] = "sequence-classification"
+    eval_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> ClassifySpec:
+        if any(not label.strip() for label in self.labels):
+            raise ValueError("labels: a label name is empty")
+        if len(set(self.labels)) != len(self.labels):
+            repeated = sorted({label for label in self.labels if self.labels.count(label) > 1})
+            raise ValueError(f"labels: {', '.join(repeated)} listed more than once")
+        return self
+
+    def head_config(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+        }
+
+
+ObjectiveSpec = Annotated[Union[SFTSpec, LMSpec, ClassifySpec], Field(discriminator="name")]
 
 
 class DataSpec(_Spec):
@@ -182,7 +209,7 @@ class DataSpec(_Spec):
     eval: str | None = Field(None, description="held-out data; if absent, eval_split of train is held out")
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when eval is absent")
     split: str = Field("train", description="split to read from a hub dataset or a DatasetDict directory")
-    format: Literal["chat", "instruction", "prompt_completion", "text"] = "chat"
+    format: Literal["chat", "instruction", "prompt_completion", "text", "classification"] = "chat"
     columns: dict[str, str] = Field(
         default_factory=dict, description="map our column names to yours, e.g. {messages: conversations}"
     )
@@ -228,8 +255,9 @@ METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")
 
 
 class EvalSpec(_Spec):
-    metrics: list[Literal["perplexity", "bleu", "rouge", "exact_match"]] = Field(
-        default_factory=lambda: list(METRIC_NAMES)
+    metrics: list[Literal["perplexity", "bleu", "rouge", "exact_match", "accuracy", "f1"]] = Field(
+        default_factory=lambda: list(METRIC_NAMES),
+        description="default: what the objective reports (sft: the first four; classify: accuracy, macro-F1)",
     )
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -275,6 +303,13 @@ class Recipe(_Spec):
                 raise ValueError("data.format: objective lm trains on plain text; set data.format: text")
             if self.data.packing:
                 raise ValueError("data.packing: objective lm already packs the text into data.max_length blocks")
+        if (objective == "classify") != (self.data.format == "classification"):
+            raise ValueError(
+                "data.format: objective classify reads data.format: classification (text and label columns), "
+                "and that format is only for objective classify"
+            )
+        if objective == "classify" and self.data.packing:
+            raise ValueError("data.packing: a classifier reads one text per sequence; set data.packing: false")
         allowed = getattr(type(self.objective), "eval_metrics", None)
         if allowed is not None:
             if "metrics" not in self.eval.model_fields_set:

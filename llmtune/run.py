@@ -218,9 +218,11 @@ def _print_data_report(report: dict[str, Any], max_length: int) -> None:
             cut = f" in blocks of {max_length} from {c['documents']} documents"
             if c["remainder_tokens"]:
                 cut += f"; the last {c['remainder_tokens']} tokens, shorter than a block, are not trained on"
-        print(
-            f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens, {c['loss_tokens']:,} carry loss{cut}", flush=True
-        )
+        if "labels" in c:
+            target = "labels " + ", ".join(f"{name} {n}" for name, n in c["labels"].items())
+        else:
+            target = f"{c['loss_tokens']:,} carry loss"
+        print(f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens, {target}{cut}", flush=True)
 
 
 def _jsonl_log_callback(path: Path):
