@@ -79,8 +79,8 @@ def evaluate(
     notes = []
     if "base" in results and recipe.objective.model_kind == "sequence-classification":
         notes.append(
-            "base: its classification head is new and untrained (initialised from training.seed), so its scores "
-            "are those of the head training started from, near chance"
+            "base: its classification head is new and untrained (initialised from training.seed); its scores are "
+            "those of the model training started from, not of a trained classifier"
         )
     predictions = _prediction_rows(samples, tokenizer, generations)
     if out is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmtune.errors import LLMTuneError, first_line
 
@@ -184,14 +184,15 @@ class ClassifySpec(_ObjectiveOptions):
     model_kind: ClassVar[str] = "sequence-classification"
     eval_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
 
-    @model_validator(mode="after")
-    def _distinct_labels(self) -> ClassifySpec:
-        if any(not label.strip() for label in self.labels):
-            raise ValueError("labels: a label name is empty")
-        if len(set(self.labels)) != len(self.labels):
-            repeated = sorted({label for label in self.labels if self.labels.count(label) > 1})
-            raise ValueError(f"labels: {', '.join(repeated)} listed more than once")
-        return self
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str]) -> list[str]:
+        if any(not label.strip() for label in labels):
+            raise ValueError("a label name is empty")
+        if len(set(labels)) != len(labels):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return labels
 
     def head_config(self) -> dict[str, Any]:
         return {
