@@ -183,6 +183,17 @@ def test_head_only_training_on_bert_changes_the_head_and_nothing_else(tmp_path: 
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
+def test_lora_classifier_on_bert_merges_into_a_plain_encoder(tmp_path: Path, one_torch_thread):
+    from transformers import AutoModelForSequenceClassification
+
+    path = write_classify_recipe(tmp_path, "bert", model="tiny:bert")
+    run = finetune(path, ["training.max_steps=3", "training.save_steps=null"]).run.path
+    result = merge_adapter(run, tmp_path / "merged")
+    assert result.max_abs_diff <= 1e-3 and result.base_max_abs_diff > 1e-3
+    merged = AutoModelForSequenceClassification.from_pretrained(result.out)
+    assert type(merged).__name__ == "BertForSequenceClassification" and merged.config.num_labels == 2
+
+
 # --- end to end on tiny:llama ----------------------------------------------------------------------
 
 
