@@ -155,3 +155,13 @@ def test_merged_lm_reproduces_the_tuned_logits(lm_run: tuple[Path, Path], one_to
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(logits_of(merged, batch), logits_of(tuned, batch), atol=1e-4)
     assert not torch.allclose(logits_of(merged, batch), logits_of(load_model("tiny:llama"), batch), atol=1e-2)
+
+
+def test_data_preview_shows_the_blocks_training_sees(tmp_path: Path):
+    from llmtune.preview import build_preview
+
+    recipe = load_recipe(write_lm_recipe(tmp_path))
+    preview = build_preview(recipe, load_tokenizer("tiny:llama"), n=2)
+    assert [len(row) for row in preview.rows] == [64, 64]
+    assert all(token.loss for row in preview.rows for token in row)
+    assert preview.counts == prepare_data(recipe, load_tokenizer("tiny:llama")).report["train"]
