@@ -253,8 +253,8 @@ def classification_head(model: PreTrainedModel) -> str:
         if name in children:
             return name
     raise LLMTuneError(
-        f"method head: {type(model).__name__} has no classification head named {' or '.join(CLASSIFICATION_HEADS)}; "
-        "use method layers with a pattern"
+        f"method head/bitfit/layers: {type(model).__name__} has no classification head named "
+        f"{' or '.join(CLASSIFICATION_HEADS)} to train; use method full, or lora with modules_to_save naming its head"
     )
 
 

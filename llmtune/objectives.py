@@ -92,7 +92,7 @@ def build_classify(
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     args = TrainingArguments(**_training_arguments(recipe, output_dir))
-    model.config.use_cache = False
+    model.config.use_cache = False  # a decoder classifier needs no KV cache to train; run.py turns it back on
     trainer = guarded(Trainer)(
         model=model,
         args=args,
