@@ -183,11 +183,14 @@ def test_head_only_training_on_bert_changes_the_head_and_nothing_else(tmp_path: 
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
-def test_lora_classifier_on_bert_merges_into_a_plain_encoder(tmp_path: Path, one_torch_thread):
+def test_ia3_classifier_on_bert_saves_its_head_and_merges_into_a_plain_encoder(tmp_path: Path, one_torch_thread):
+    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    path = write_classify_recipe(tmp_path, "bert", model="tiny:bert")
+    path = write_classify_recipe(tmp_path, "bert", model="tiny:bert", method={"name": "ia3"})
     run = finetune(path, ["training.max_steps=3", "training.save_steps=null"]).run.path
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(saved)
     result = merge_adapter(run, tmp_path / "merged")
     assert result.max_abs_diff <= 1e-3 and result.base_max_abs_diff > 1e-3
     merged = AutoModelForSequenceClassification.from_pretrained(result.out)
