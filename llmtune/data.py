@@ -34,6 +34,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    "classification": ("text", "label"),
 }
 OPTIONAL_COLUMNS = {"input"}
 # ShareGPT-style rows ({"from": "human", "value": ...}) are common enough to accept as they are.
@@ -46,6 +47,7 @@ class Sample:
 
     messages: list[dict[str, str]] | None = None
     segments: list[tuple[str, bool]] | None = None  # (text, carries loss); EOS is added after the last
+    label: int | None = None  # format classification: index into objective.labels
 
     def prompt_and_reference(self) -> tuple[Sample, str] | None:
         """The part a model is given at inference, and the response it should produce (None for plain text)."""
@@ -213,9 +215,12 @@ def check_columns(rows: Sequence[dict[str, Any]], spec: DataSpec, source: str) -
             )
 
 
-def to_sample(row: dict[str, Any], spec: DataSpec, where: str) -> Sample:
-    """Format one row; `where` names the file and row in errors."""
+def to_sample(row: dict[str, Any], spec: DataSpec, where: str, labels: list[str] | None = None) -> Sample:
+    """Format one row; `where` names the file and row in errors; `labels` are the classes of format classification."""
     col = {c: spec.columns.get(c, c) for c in FORMAT_COLUMNS[spec.format]}
+    if spec.format == "classification":
+        text = _text(row.get(col["text"]), where, col["text"])
+        return Sample(segments=[(text, False)], label=label_index(row.get(col["label"]), labels, where, col["label"]))
     if spec.format == "text":
         text = _text(row.get(col["text"]), where, col["text"])
         return Sample(segments=[(text, True)])
@@ -309,18 +314,34 @@ def _messages(value: Any, where: str, column: str, need_assistant: bool = True) 
     return messages
 
 
-def load_samples(ref: str, spec: DataSpec) -> list[Sample]:
+def label_index(value: Any, labels: list[str], where: str, column: str) -> int:
+    """A label given by name, or by index (an int, or digits as a CSV file holds it)."""
+    if isinstance(value, str) and value in labels:
+        return labels.index(value)
+    index = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and value.strip().isdigit():
+        index = int(value)
+    if index is not None and 0 <= index < len(labels):
+        return index
+    raise LLMTuneError(
+        f"{where}: {column} {value!r} is not one of objective.labels ({', '.join(labels)}) nor an index 0-"
+        f"{len(labels) - 1}; fix the row or add the label to objective.labels"
+    )
+
+
+def load_samples(ref: str, spec: DataSpec, labels: list[str] | None = None) -> list[Sample]:
     rows = load_rows(ref, spec.split)
     check_columns(rows, spec, ref)
-    return [to_sample(row, spec, f"{ref}: row {i}") for i, row in enumerate(rows, 1)]
+    return [to_sample(row, spec, f"{ref}: row {i}", labels) for i, row in enumerate(rows, 1)]
 
 
 def split_samples(recipe: Recipe) -> tuple[list[Sample], list[Sample]]:
     """Train and held-out samples, the held-out part drawn by `training.seed` when `data.eval` is absent."""
     spec = recipe.data
-    train = load_samples(spec.train, spec)
+    labels = getattr(recipe.objective, "labels", None)
+    train = load_samples(spec.train, spec, labels)
     if spec.eval is not None:
-        return train, load_samples(spec.eval, spec)
+        return train, load_samples(spec.eval, spec, labels)
     if spec.eval_split == 0 or len(train) < 2:
         return train, []
     order = list(range(len(train)))
@@ -565,6 +586,9 @@ def prompt_reference_dataset(
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    special = _PREPARERS.get(recipe.objective.name)
+    if special is not None:
+        return special(recipe, tokenizer)
     train_samples, eval_samples = split_samples(recipe)
     train, train_counts = _encode_split(recipe, tokenizer, train_samples, recipe.data.train)
     report = {"train": train_counts}
@@ -583,3 +607,110 @@ def _encode_split(
     if recipe.data.format == "preference":
         return encode_preference_dataset(samples, tokenizer, recipe.data, source)
     return encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, source)
+
+
+# --- language modelling: text packed into fixed-length blocks ---------------------------------------
+
+
+def group_texts(rows: list[list[int]], eos_id: int, block: int, keep_remainder: bool) -> tuple[list[list[int]], int]:
+    """Join token rows, each followed by EOS, into one stream and cut it into `block`-token blocks.
+
+    Returns the blocks and how many tokens were dropped: the tail shorter than a block, unless
+    `keep_remainder` makes it a last, shorter block (held-out text, so every token is scored).
+    """
+    stream = [t for ids in rows for t in (*ids, eos_id)]
+    n_full = len(stream) // block
+    blocks = [stream[i * block : (i + 1) * block] for i in range(n_full)]
+    rest = stream[n_full * block :]
+    if keep_remainder and rest:
+        blocks.append(rest)
+        rest = []
+    return blocks, len(rest)
+
+
+def lm_blocks(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, block: int, keep_remainder: bool, source: str
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Blocks of token ids for objective lm, and counts for the data report."""
+    if tokenizer.eos_token_id is None:
+        raise LLMTuneError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents with")
+    # No special tokens per row: documents are separated by EOS only, as in the classic group-texts recipe.
+    rows = [tokenizer("".join(t for t, _ in s.segments), add_special_tokens=False)["input_ids"] for s in samples]
+    blocks, remainder = group_texts(rows, tokenizer.eos_token_id, block, keep_remainder)
+    if not blocks:
+        total = sum(len(r) + 1 for r in rows)
+        raise LLMTuneError(
+            f"{source}: the text is {total} tokens, less than one block of data.max_length={block}; "
+            "lower data.max_length or add text"
+        )
+    tokens = sum(len(b) for b in blocks)
+    counts = {"rows": len(blocks), "documents": len(rows), "truncated": 0, "dropped": 0, "tokens": tokens}
+    return blocks, {**counts, "loss_tokens": tokens, "remainder_tokens": remainder}
+
+
+def prepare_blocks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Objective lm: every token carries loss; training drops the tail shorter than a block, held-out keeps it."""
+    from datasets import Dataset
+
+    train_samples, eval_samples = split_samples(recipe)
+    block = recipe.data.max_length
+    datasets, report = {}, {}
+    for split, samples, keep, source in (
+        ("train", train_samples, False, recipe.data.train),
+        ("eval", eval_samples, True, recipe.data.eval or recipe.data.train),
+    ):
+        if samples:
+            blocks, report[split] = lm_blocks(samples, tokenizer, block, keep, source)
+            datasets[split] = Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
+    return PreparedData(train=datasets["train"], eval=datasets.get("eval"), eval_samples=eval_samples, report=report)
+
+
+# --- classification: one text and its label index per row ------------------------------------------
+
+
+def encode_classification(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, labels: list[str], source: str
+) -> tuple[Dataset, dict[str, Any]]:
+    """Token ids with the tokenizer's own special tokens (an encoder pools its [CLS]), and label indices."""
+    from datasets import Dataset
+
+    input_ids, targets = [], []
+    truncated = dropped = 0
+    for sample in samples:
+        ids = tokenizer(sample.segments[0][0], add_special_tokens=True)["input_ids"]
+        if len(ids) > spec.max_length:
+            if spec.overflow == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            # Keep a closing special token (BERT's [SEP]): the encoder was pretrained to see one.
+            closing = ids[-1:] if ids[-1] in tokenizer.all_special_ids else []
+            ids = ids[: spec.max_length - len(closing)] + closing
+        input_ids.append(ids)
+        targets.append(sample.label)
+    if not input_ids:
+        raise LLMTuneError(f"{source}: every row is longer than data.max_length={spec.max_length} tokens")
+    counts = {
+        "rows": len(input_ids),
+        "truncated": truncated,
+        "dropped": dropped,
+        "tokens": sum(len(x) for x in input_ids),
+        "labels": {name: targets.count(i) for i, name in enumerate(labels)},
+    }
+    return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
+
+
+def prepare_classification(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    train_samples, eval_samples = split_samples(recipe)
+    labels = recipe.objective.labels
+    report: dict[str, Any] = {}
+    train, report["train"] = encode_classification(train_samples, tokenizer, recipe.data, labels, recipe.data.train)
+    eval_ds = None
+    if eval_samples:
+        source = recipe.data.eval or recipe.data.train
+        eval_ds, report["eval"] = encode_classification(eval_samples, tokenizer, recipe.data, labels, source)
+    return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
+
+
+# Objectives whose data is not one tokenized row per sample.
+_PREPARERS = {"lm": prepare_blocks, "classify": prepare_classification}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +16,11 @@ from llmtune.data import (
     IGNORE_INDEX,
     PreferenceSample,
     Sample,
+    encode_classification,
     encode_dataset,
     encode_preference_dataset,
     encode_prompt,
+    lm_blocks,
     split_samples,
 )
 from llmtune.errors import LLMTuneError
@@ -38,6 +40,7 @@ class EvalReport:
     predictions: list[dict[str, Any]]
     out: Path | None
     examples: int
+    notes: list[str] = field(default_factory=list)  # what a reader must know to read the numbers
 
 
 def evaluate(
@@ -51,6 +54,8 @@ def evaluate(
     if is_run_dir(path):
         artifacts.open_run(path)
         recipe = load_recipe(path / artifacts.RECIPE_FILE, overrides)
+        # A new head (classification) is initialised from the torch seed: the same one training started from.
+        torch.manual_seed(recipe.training.seed)
         model, tokenizer = load_tuned(path)
         label = "tuned"
         out = out or path / artifacts.EVAL_FILE
@@ -59,6 +64,7 @@ def evaluate(
             artifacts.open_run(path)  # says why this directory is not a run
         recipe = load_recipe(path, overrides)
         tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
+        torch.manual_seed(recipe.training.seed)
         model = load_base_model(recipe, quantized=False)
         label, compare_base = "base", False
     _, samples = split_samples(recipe)
@@ -73,6 +79,12 @@ def evaluate(
         with _base_of(model, recipe) as base:
             results["base"], generations["base"] = score(base, tokenizer, samples, recipe)
 
+    notes = []
+    if "base" in results and recipe.objective.model_kind == "sequence-classification":
+        notes.append(
+            "base: its classification head is new and untrained (initialised from training.seed); its scores are "
+            "those of the model training started from, not of a trained classifier"
+        )
     predictions = _prediction_rows(samples, tokenizer, generations)
     if out is not None:
         artifacts.write_json(out, results)
@@ -80,7 +92,7 @@ def evaluate(
             artifacts.write_jsonl(_predictions_path(out, path), predictions)
     if label == "tuned" and out == path / artifacts.EVAL_FILE:
         write_run_report(RunDir(path))
-    return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples))
+    return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples), notes=notes)
 
 
 @contextlib.contextmanager
@@ -90,6 +102,7 @@ def _base_of(model: PreTrainedModel, recipe: Recipe):
         with model.disable_adapter():
             yield model
     else:
+        torch.manual_seed(recipe.training.seed)
         yield load_base_model(recipe, quantized=False)
 
 
@@ -121,6 +134,9 @@ def score_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
 ) -> tuple[dict[str, float], list[str] | None]:
     """The recipe's metrics for one model, and its generations (None when no generation metric applies)."""
+    scorer = _OBJECTIVE_SCORERS.get(recipe.objective.name)
+    if scorer is not None:
+        return scorer(model, tokenizer, samples, recipe)
     wanted = recipe.eval.metrics
     model.eval()
     results: dict[str, float] = {}
@@ -171,6 +187,46 @@ def score_preferences(
         "preference_accuracy": metrics.preference_accuracy(scores["chosen"], scores["rejected"]),
         "reward_margin" if reward_model else "logp_margin": metrics.mean_margin(scores["chosen"], scores["rejected"]),
     }, None
+
+
+def score_lm(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
+) -> tuple[dict[str, float], None]:
+    """Perplexity over every held-out token, in the same blocks training used (the short last block kept)."""
+    model.eval()
+    blocks, _ = lm_blocks(samples, tokenizer, recipe.data.max_length, keep_remainder=True, source="eval data")
+    nll, n = response_nll(model, tokenizer, blocks, blocks, recipe.eval.batch_size)
+    return {"perplexity": metrics.perplexity(nll, n), "loss": nll / n}, None
+
+
+def score_classify(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
+) -> tuple[dict[str, float], None]:
+    """Accuracy and macro-F1 of the most probable label, on rows tokenized as in training."""
+    labels = recipe.objective.labels
+    dataset, _ = encode_classification(samples, tokenizer, recipe.data, labels, "eval data")
+    probs = class_probabilities(model, tokenizer, dataset["input_ids"], recipe.eval.batch_size)
+    predicted = probs.argmax(-1).tolist()
+    references = dataset["labels"]
+    results = {"accuracy": metrics.accuracy(predicted, references)}
+    results["f1"] = metrics.macro_f1(predicted, references, len(labels))
+    return {m: results[m] for m in recipe.eval.metrics}, None
+
+
+@torch.no_grad()
+def class_probabilities(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], batch_size: int
+) -> torch.Tensor:
+    """Softmax over a classifier's labels for each row, right-padded (decoders pool the last real token)."""
+    model.eval()
+    out = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        out.append(model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1))
+    return torch.cat(out)
+
+
+_OBJECTIVE_SCORERS = {"lm": score_lm, "classify": score_classify}
 
 
 @torch.no_grad()
@@ -284,7 +340,15 @@ def complete(
     system_prompt = None
     if is_run_dir(path):
         model, tokenizer = load_tuned(path)
-        data = load_recipe(path / artifacts.RECIPE_FILE).data
+        recipe = load_recipe(path / artifacts.RECIPE_FILE)
+        if recipe.objective.name == "classify":
+            return classify_text(model, tokenizer, prompt, recipe)
+        if recipe.objective.name == "reward-model":
+            raise LLMTuneError(
+                f"{path} is a reward model: it scores responses and does not generate; `llmtune eval {path}` reports "
+                "its preference accuracy, and a grpo recipe uses it as objective.reward_model"
+            )
+        data = recipe.data
         use_template = data.chat_template and data.format != "text"
         system_prompt = data.system_prompt
     else:
@@ -301,3 +365,12 @@ def complete(
         model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens, 1, temperature, top_k, top_p
     )
     return text
+
+
+def classify_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, recipe: Recipe) -> str:
+    """The predicted label of one text, then every label's probability, most probable first."""
+    sample = Sample(segments=[(text, False)], label=0)
+    dataset, _ = encode_classification([sample], tokenizer, recipe.data, recipe.objective.labels, "the prompt")
+    [probs] = class_probabilities(model, tokenizer, dataset["input_ids"], 1).tolist()
+    ranked = sorted(zip(recipe.objective.labels, probs, strict=True), key=lambda item: -item[1])
+    return f"{ranked[0][0]}  ({', '.join(f'{name} {p:.3f}' for name, p in ranked)})"

@@ -9,7 +9,7 @@ import torch
 
 from llmtune import artifacts
 from llmtune.artifacts import check_run_dir_free, open_run, staged_dir
-from llmtune.data import encode, split_samples
+from llmtune.data import encode, encode_classification, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
 from llmtune.methods import UNMERGEABLE_METHODS
@@ -101,7 +101,12 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
 def _probe_batch(run: artifacts.RunDir, tokenizer) -> dict[str, torch.Tensor]:
     recipe = run.recipe()
     _, held_out = split_samples(recipe)
-    prompts = [encode(s, tokenizer)[0] for s in held_out[:4]]
+    if held_out and recipe.objective.name == "classify":
+        # Tokenized as the classifier reads them: with its own special tokens, and no EOS that an encoder lacks.
+        data, _ = encode_classification(held_out[:4], tokenizer, recipe.data, recipe.objective.labels, "held-out")
+        prompts = data["input_ids"]
+    else:
+        prompts = [encode(s, tokenizer)[0] for s in held_out[:4]]
     if not prompts:
         prompts = [tokenizer(text)["input_ids"] for text in _FALLBACK_PROBES]
     ids, attn = pad_batch(prompts, tokenizer.pad_token_id, left=False)

@@ -201,10 +201,13 @@ def build_bitfit(
             f"method bitfit: {type(model).__name__} has no bias parameters to train; "
             f"use a model with biases ({MODELS_WITH_BIASES}) or another method"
         )
-    return _train_only(model, lambda name: name.endswith(".bias"))
+    return _train_only(model, lambda name: name.endswith(".bias"), task_type)
 
 
 def build_head(spec: HeadSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    if task_type == "SEQ_CLS":
+        head = classification_head(model)
+        return _train_only(model, lambda name: name.startswith(f"{head}."))
     head = model.get_output_embeddings()
     if head is None:
         raise LLMTuneError(f"method head: {type(model).__name__} has no output head")
@@ -240,7 +243,7 @@ def build_layers(
     if spec.pattern is not None:
         chosen.append(spec.pattern)
     regex = re.compile("|".join(f"(?:{c})" for c in chosen))
-    model = _train_only(model, lambda name: regex.search(name) is not None)
+    model = _train_only(model, lambda name: regex.search(name) is not None, task_type)
     if not any(p.requires_grad for p in model.parameters()):
         raise LLMTuneError(f"method.pattern {spec.pattern!r} matches no parameter name (e.g. {_example_name(model)})")
     return model
@@ -260,9 +263,28 @@ def _example_name(model: PreTrainedModel) -> str:
     return next(name for name, _ in model.named_parameters())
 
 
-def _train_only(model: PreTrainedModel, wanted: Callable[[str], bool]) -> PreTrainedModel:
+# Where transformers puts the new head of a sequence classifier: Llama/Qwen/GPT-2 `score`, BERT-likes `classifier`.
+CLASSIFICATION_HEADS = ("score", "classifier")
+
+
+def classification_head(model: PreTrainedModel) -> str:
+    """Name of a sequence classifier's head module."""
+    children = dict(model.named_children())
+    for name in CLASSIFICATION_HEADS:
+        if name in children:
+            return name
+    raise LLMTuneError(
+        f"method head/bitfit/layers: {type(model).__name__} has no classification head named "
+        f"{' or '.join(CLASSIFICATION_HEADS)} to train; use method full, or lora with modules_to_save naming its head"
+    )
+
+
+def _train_only(model: PreTrainedModel, wanted: Callable[[str], bool], task_type: str = "") -> PreTrainedModel:
+    """Train the parameters `wanted` picks; a classifier's new head always trains, as peft keeps it for SEQ_CLS:
+    a randomly initialised head left frozen would make the classifier guess."""
+    head = f"{classification_head(model)}." if task_type == "SEQ_CLS" else None
     for name, p in model.named_parameters():
-        p.requires_grad_(wanted(name))
+        p.requires_grad_(wanted(name) or (head is not None and name.startswith(head)))
     return model
 
 

@@ -102,3 +102,19 @@ REWARDS: dict[str, Callable[[list[str], list[str]], list[float]]] = {
     "iso_date": iso_date_reward,
     "similarity": similarity_reward,
 }
+
+
+def accuracy(predictions: list[int], references: list[int]) -> float:
+    """Percentage of predicted class indices equal to the reference."""
+    hits = sum(p == r for p, r in zip(predictions, references, strict=True))
+    return 100 * hits / max(len(predictions), 1)
+
+
+def macro_f1(predictions: list[int], references: list[int], n_classes: int) -> float:
+    """Unweighted mean over classes of per-class F1, times 100; a class never predicted nor present scores 0."""
+    scores = []
+    for c in range(n_classes):
+        tp = sum(p == c and r == c for p, r in zip(predictions, references, strict=True))
+        predicted, actual = predictions.count(c), references.count(c)
+        scores.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
+    return 100 * sum(scores) / max(n_classes, 1)

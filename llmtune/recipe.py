@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmtune.errors import LLMTuneError, first_line
 
@@ -272,8 +272,43 @@ class GRPOSpec(_ObjectiveOptions):
         return self
 
 
+class LMSpec(_ObjectiveOptions):
+    """Language modelling / continued pretraining: text joined with EOS and cut into data.max_length blocks."""
+
+    name: Literal["lm"]
+    eval_metrics: ClassVar[tuple[str, ...]] = ("perplexity",)
+
+
+class ClassifySpec(_ObjectiveOptions):
+    """Sequence classification: a new head over the model maps each text to one of `labels`."""
+
+    name: Literal["classify"]
+    labels: list[str] = Field(
+        min_length=2, description="class names; a row's label is one of them or its index (0 = the first)"
+    )
+    model_kind: ClassVar[str] = "sequence-classification"
+    eval_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str]) -> list[str]:
+        if any(not label.strip() for label in labels):
+            raise ValueError("a label name is empty")
+        if len(set(labels)) != len(labels):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return labels
+
+    def head_config(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+        }
+
+
 ObjectiveSpec = Annotated[
-    Union[SFTSpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec, GRPOSpec, RewardModelSpec],
+    Union[SFTSpec, LMSpec, ClassifySpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec, GRPOSpec, RewardModelSpec],
     Field(discriminator="name"),
 ]
 
@@ -283,7 +318,7 @@ class DataSpec(_Spec):
     eval: str | None = Field(None, description="held-out data; if absent, eval_split of train is held out")
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when eval is absent")
     split: str = Field("train", description="split to read from a hub dataset or a DatasetDict directory")
-    format: Literal["chat", "instruction", "prompt_completion", "text", "preference"] = "chat"
+    format: Literal["chat", "instruction", "prompt_completion", "text", "preference", "classification"] = "chat"
     columns: dict[str, str] = Field(
         default_factory=dict, description="map our column names to yours, e.g. {messages: conversations}"
     )
@@ -345,8 +380,9 @@ METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")
 
 
 class EvalSpec(_Spec):
-    metrics: list[Literal["perplexity", "bleu", "rouge", "exact_match"]] = Field(
-        default_factory=lambda: list(METRIC_NAMES)
+    metrics: list[Literal["perplexity", "bleu", "rouge", "exact_match", "accuracy", "f1"]] = Field(
+        default_factory=lambda: list(METRIC_NAMES),
+        description="default: what the objective reports (sft: the first four; classify: accuracy, macro-F1)",
     )
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -372,7 +408,7 @@ class Recipe(_Spec):
         _check_preference(self)
         _check_grpo(self)
         _check_adapter_on_head(self)
-        if self.data.format == "text" and self.objective.loss_on == "response":
+        if self.data.format == "text" and isinstance(self.objective, SFTSpec) and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
         if self.data.packing and self.method.name in ("prefix", "prompt", "p-tuning"):
@@ -385,6 +421,32 @@ class Recipe(_Spec):
                 "training.gradient_checkpointing: prefix tuning feeds its prefixes through the key/value cache, "
                 "which gradient checkpointing switches off; set it to false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_objective_data(self) -> Recipe:
+        objective = self.objective.name
+        if objective == "lm":
+            if self.data.format != "text":
+                raise ValueError("data.format: objective lm trains on plain text; set data.format: text")
+            if self.data.packing:
+                raise ValueError("data.packing: objective lm already packs the text into data.max_length blocks")
+        if (objective == "classify") != (self.data.format == "classification"):
+            raise ValueError(
+                "data.format: objective classify reads data.format: classification (text and label columns), "
+                "and that format is only for objective classify"
+            )
+        if objective == "classify" and self.data.packing:
+            raise ValueError("data.packing: a classifier reads one text per sequence; set data.packing: false")
+        allowed = getattr(type(self.objective), "eval_metrics", None)
+        if allowed is not None:
+            if "metrics" not in self.eval.model_fields_set:
+                self.eval.metrics = list(allowed)
+            elif bad := [m for m in self.eval.metrics if m not in allowed]:
+                raise ValueError(
+                    f"eval.metrics: {', '.join(bad)} do not apply to objective {objective}; it reports "
+                    f"{', '.join(allowed)}"
+                )
         return self
 
 

@@ -249,9 +249,17 @@ def _print_data_report(report: dict[str, Any], max_length: int) -> None:
         cut = ""
         if c["truncated"] or c["dropped"]:
             cut = f"; over max_length={max_length}: {c['truncated']} truncated, {c['dropped']} dropped"
-        # Objectives that generate their completions (grpo) have no loss-bearing tokens in the data.
-        loss = f", {c['loss_tokens']:,} carry loss" if "loss_tokens" in c else ""
-        print(f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens{loss}{cut}", flush=True)
+        if "remainder_tokens" in c:
+            cut = f" in blocks of {max_length} from {c['documents']} documents"
+            if c["remainder_tokens"]:
+                cut += f"; the last {c['remainder_tokens']} tokens, shorter than a block, are not trained on"
+        if "labels" in c:
+            target = ", labels " + ", ".join(f"{name} {n}" for name, n in c["labels"].items())
+        elif "loss_tokens" in c:
+            target = f", {c['loss_tokens']:,} carry loss"
+        else:  # objectives that generate their completions (grpo) have no loss-bearing tokens in the data
+            target = ""
+        print(f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens{target}{cut}", flush=True)
 
 
 def _jsonl_log_callback(path: Path):

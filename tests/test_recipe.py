@@ -260,7 +260,9 @@ def test_shipped_recipe_loads_and_its_data_formats(path):
     recipe = load_recipe(path)
     train, held_out = split_samples(recipe)
     assert train and held_out
-    assert all(s.prompt_and_reference() is not None for s in held_out)
+    if recipe.objective.name == "sft":
+        # Generation metrics need a prompt and a reference in every held-out row.
+        assert all(s.prompt_and_reference() is not None for s in held_out)
     # The overrides every recipe must accept.
     recipe = load_recipe(path, ["training.max_steps=5", "output.dir=/tmp/x"])
     assert (recipe.training.max_steps, recipe.output.dir) == (5, "/tmp/x")

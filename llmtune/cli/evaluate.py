@@ -16,7 +16,7 @@ def evaluate(
     ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Score a model on held-out data: perplexity, BLEU, ROUGE, exact match.
+    """Score a model on held-out data: perplexity, BLEU, ROUGE, exact match (classifiers: accuracy, macro-F1).
 
     Example: llmtune eval runs/quickstart --compare-base
     """
@@ -24,6 +24,8 @@ def evaluate(
 
     report = run_eval(target, compare_base=compare_base, out=out, overrides=overrides or [])
     typer.echo(format_table(report.results))
+    for note in report.notes:
+        typer.echo(f"note: {note}")
     typer.echo(f"{report.examples} held-out examples" + (f"; results in {report.out}" if report.out else ""))
 
 

@@ -17,7 +17,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
 ) -> None:
-    """Complete a prompt with a tuned run or any model.
+    """Complete a prompt with a tuned run or any model; a classifier run prints the label and its probabilities.
 
     Example: llmtune generate runs/quickstart "Write the date 5 March 2021 in ISO format."
     """
