@@ -14,8 +14,8 @@ from llmtune import artifacts, metrics
 from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.models import load_base_model, load_model, load_tokenizer, load_tuned
-from llmtune.recipe import Recipe, load_recipe
+from llmtune.models import load_base_model, load_model, load_teacher, load_tokenizer, load_tuned
+from llmtune.recipe import DistillSpec, Recipe, load_recipe
 from llmtune.report import write_run_report
 
 if TYPE_CHECKING:
@@ -58,11 +58,17 @@ def evaluate(
         raise LLMTuneError(f"{path}: no held-out data; set data.eval or data.eval_split above 0")
     samples = samples[: recipe.eval.max_examples or len(samples)]
 
+    teacher = _teacher_of(recipe)
+    if teacher is not None and label == "tuned":
+        compare_base = True  # a distilled student is always shown beside its untrained self and its teacher
+
     results, generations = {}, {}
-    results[label], generations[label] = score_model(model, tokenizer, samples, recipe)
+    results[label], generations[label] = score_model(model, tokenizer, samples, recipe, teacher)
     if compare_base:
         with _base_of(model, recipe) as base:
-            results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe)
+            results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe, teacher)
+    if teacher is not None:
+        results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
 
     predictions = _prediction_rows(samples, tokenizer, generations)
     if out is not None:
@@ -72,6 +78,12 @@ def evaluate(
     if label == "tuned" and out == path / artifacts.EVAL_FILE:
         write_run_report(RunDir(path))
     return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples))
+
+
+def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
+    if not isinstance(recipe.objective, DistillSpec):
+        return None
+    return load_teacher(recipe.objective.teacher, recipe.training.dtype)
 
 
 @contextlib.contextmanager
@@ -109,17 +121,30 @@ def _prediction_rows(
 
 
 def score_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[Sample],
+    recipe: Recipe,
+    teacher: PreTrainedModel | None = None,
 ) -> tuple[dict[str, float], list[str] | None]:
-    """The recipe's metrics for one model, and its generations (None when no generation metric applies)."""
+    """The recipe's metrics for one model, and its generations (None when no generation metric applies).
+
+    Args:
+        teacher: for distillation, also report the mean KL(teacher || model) per response token (kl_to_teacher).
+    """
     wanted = recipe.eval.metrics
     model.eval()
     results: dict[str, float] = {}
-    if "perplexity" in wanted:
+    if "perplexity" in wanted or teacher is not None:
         dataset, _ = encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, "eval data")
+    if "perplexity" in wanted:
         nll, n = response_nll(model, tokenizer, dataset["input_ids"], dataset["labels"], recipe.eval.batch_size)
         results["perplexity"] = metrics.perplexity(nll, n)
         results["loss"] = nll / n
+    if teacher is not None:
+        results["kl_to_teacher"] = teacher_kl(
+            model, teacher, tokenizer, dataset["input_ids"], dataset["labels"], recipe.eval.batch_size
+        )
     pairs = [s.prompt_and_reference() for s in samples]
     if not any(m in wanted for m in GENERATION_METRICS) or any(p is None for p in pairs):
         return results, None
@@ -159,6 +184,29 @@ def response_nll(
     if count == 0 or not math.isfinite(total):
         raise LLMTuneError(f"evaluation: negative log-likelihood is {total} over {count} tokens")
     return total, count
+
+
+@torch.no_grad()
+def teacher_kl(
+    model: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    batch_size: int,
+) -> float:
+    """Mean forward KL(teacher || model) at temperature 1 over the tokens that carry loss (nats per token)."""
+    total, count = 0.0, 0
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
+        student = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :, :].float().log_softmax(-1)
+        reference = teacher(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
+        per_token = (reference.exp() * (reference - student)).sum(-1)[:, :-1]
+        mask = lab[:, 1:] != IGNORE_INDEX
+        total += per_token[mask].sum().item()
+        count += int(mask.sum())
+    return total / max(count, 1)
 
 
 @torch.no_grad()

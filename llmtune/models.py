@@ -71,6 +71,11 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         return _tiny(ref).tokenizer()
     from transformers import AutoTokenizer
 
+    from llmtune.artifacts import RunDir, is_run_dir
+
+    if is_run_dir(Path(ref).expanduser()):
+        return AutoTokenizer.from_pretrained(RunDir(Path(ref).expanduser()).tokenizer)
+
     tokenizer = _from_hub_or_disk(AutoTokenizer.from_pretrained, resolve_checkpoint(ref), ref)
     if tokenizer.pad_token is None:
         # Padding positions never carry loss (labels are padded with -100), so reusing EOS is safe.
@@ -128,9 +133,75 @@ def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
     """The recipe's untuned model, with the head its objective needs (quantized for qlora unless told not to)."""
     quantization = recipe.method if recipe.method.name == "qlora" and quantized else None
     objective = recipe.objective
+    student = getattr(objective, "student", None)
+    if student is not None:
+        return build_student(load_teacher(objective.teacher, recipe.training.dtype), student.from_teacher)
     return load_model(
         recipe.model, recipe.training.dtype, quantization, objective.model_kind, **objective.head_config()
     )
+
+
+def load_teacher(ref: str, dtype: str = "float32") -> PreTrainedModel:
+    """A frozen model in eval mode: any model reference, or a run directory whose tuned model is merged."""
+    path = Path(ref).expanduser()
+    from llmtune.artifacts import is_run_dir
+
+    if is_run_dir(path):
+        model, _ = load_tuned(path, dequantize=True)
+        if hasattr(model, "merge_and_unload"):
+            # A plain model runs faster than base + adapter, and the teacher never trains.
+            model = model.merge_and_unload()
+    else:
+        model = load_model(ref, dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def build_student(teacher: PreTrainedModel, how: str = "every_other_layer") -> PreTrainedModel:
+    """DistilBERT's student: the teacher's architecture with blocks 0, 2, 4, ... and its other weights copied."""
+    import re
+
+    from llmtune.methods import _blocks
+
+    prefix, n_blocks = _blocks(teacher)
+    kept = list(range(0, n_blocks, 2))
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    new_index = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        match = pattern.match(name)
+        if match is None:
+            state[name] = tensor
+        elif int(match.group(1)) in new_index:
+            state[pattern.sub(f"{prefix}.{new_index[int(match.group(1))]}.", name)] = tensor
+    student = type(teacher)(config).to(teacher.dtype)
+    # strict: every student weight must come from the teacher, none left at its random init.
+    student.load_state_dict(state, strict=True)
+    student.generation_config = teacher.generation_config
+    return student
+
+
+def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_ref: str) -> None:
+    """Distillation compares distributions token by token, so both sides must use one vocabulary."""
+    if student.get_vocab() != teacher.get_vocab():
+        raise LLMTuneError(
+            f"objective.teacher {teacher_ref!r}: its tokenizer's vocabulary differs from the student's "
+            f"({len(teacher)} vs {len(student)} tokens); distillation needs teacher and student to share a tokenizer"
+        )
+    differ = [
+        name
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if getattr(student, name) != getattr(teacher, name)
+    ]
+    if differ:
+        raise LLMTuneError(
+            f"objective.teacher {teacher_ref!r}: special tokens differ from the student's ({', '.join(differ)}); "
+            "distillation needs teacher and student to share a tokenizer"
+        )
 
 
 def _bnb_config(spec: QLoraSpec):
