@@ -14,7 +14,7 @@ from llmtune import artifacts, metrics
 from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.models import load_base_model, load_model, load_teacher, load_tokenizer, load_tuned
+from llmtune.models import checkpoint_kind, load_base_model, load_model, load_teacher, load_tokenizer, load_tuned
 from llmtune.recipe import DistillSpec, Recipe, load_recipe
 from llmtune.report import write_run_report
 
@@ -70,7 +70,7 @@ def evaluate(
     if teacher is not None:
         results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
 
-    predictions = _prediction_rows(samples, tokenizer, generations)
+    predictions = _prediction_rows(samples, tokenizer, generations, is_encoder_decoder(model))
     if out is not None:
         artifacts.write_json(out, results)
         if predictions:
@@ -103,7 +103,10 @@ def _predictions_path(out: Path, target: Path) -> Path:
 
 
 def _prediction_rows(
-    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, generations: dict[str, list[str] | None]
+    samples: list[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    generations: dict[str, list[str] | None],
+    encoder_decoder: bool,
 ) -> list[dict[str, Any]]:
     if any(g is None for g in generations.values()):
         return []
@@ -112,7 +115,7 @@ def _prediction_rows(
         prompt, reference = sample.prompt_and_reference()
         rows.append(
             {
-                "prompt": tokenizer.decode(encode_prompt(prompt, tokenizer)),
+                "prompt": tokenizer.decode(encode_prompt(prompt, tokenizer, encoder_decoder)),
                 "reference": reference,
                 "prediction": {name: gens[i] for name, gens in generations.items()},
             }
@@ -148,7 +151,7 @@ def score_model(
     pairs = [s.prompt_and_reference() for s in samples]
     if not any(m in wanted for m in GENERATION_METRICS) or any(p is None for p in pairs):
         return results, None
-    prompts = [encode_prompt(p, tokenizer) for p, _ in pairs]
+    prompts = [encode_prompt(p, tokenizer, is_encoder_decoder(model)) for p, _ in pairs]
     references = [r for _, r in pairs]
     predictions = generate_texts(model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size)
     if "bleu" in wanted:
@@ -173,14 +176,19 @@ def response_nll(
     for start in range(0, len(input_ids), batch_size):
         ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
         lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
-        # Prompt tuning returns logits for its virtual tokens too; they come first.
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :].float()
-        shifted = lab[:, 1:]
+        if is_encoder_decoder(model):
+            # The decoder reads the labels shifted right behind its start token; logit t predicts label t.
+            logits = model(input_ids=ids, attention_mask=attn, labels=lab).logits.float()
+            targets = lab
+        else:
+            # Prompt tuning returns logits for its virtual tokens too; they come first.
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :][:, :-1].float()
+            targets = lab[:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         total += nll.item()
-        count += int((shifted != IGNORE_INDEX).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     if count == 0 or not math.isfinite(total):
         raise LLMTuneError(f"evaluation: negative log-likelihood is {total} over {count} tokens")
     return total, count
@@ -236,9 +244,14 @@ def generate_texts(
             pad_token_id=tokenizer.pad_token_id,
             **sampling,
         )
-        for row in out[:, ids.size(1) :]:
+        # A decoder-only model returns prompt + completion; an encoder-decoder returns the decoder's output only.
+        for row in out if is_encoder_decoder(model) else out[:, ids.size(1) :]:
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
+
+
+def is_encoder_decoder(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def pad_batch(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,15 +285,16 @@ def complete(
         system_prompt = data.system_prompt
     else:
         tokenizer = load_tokenizer(target)
-        model = load_model(target)
-        use_template = bool(tokenizer.chat_template)
+        kind = checkpoint_kind(target)
+        model = load_model(target, kind=kind)
+        # An encoder-decoder reads plain source text, as objective seq2seq trained it.
+        use_template = bool(tokenizer.chat_template) and kind == "causal-lm"
     if raw or not use_template:
         sample = Sample(segments=[(prompt, False)])
     else:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         sample = Sample(messages=[*system, {"role": "user", "content": prompt}])
     torch.manual_seed(seed)
-    [text] = generate_texts(
-        model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens, 1, temperature, top_k, top_p
-    )
+    prompt_ids = encode_prompt(sample, tokenizer, is_encoder_decoder(model))
+    [text] = generate_texts(model, tokenizer, [prompt_ids], max_new_tokens, 1, temperature, top_k, top_p)
     return text

@@ -129,6 +129,19 @@ def load_model(
     return _from_hub_or_disk(loader, resolve_checkpoint(ref), ref, **kwargs)
 
 
+def checkpoint_kind(ref: str) -> str:
+    """'seq2seq-lm' for an encoder-decoder checkpoint (a merged T5, say), else 'causal-lm'."""
+    if ref.startswith("tiny:"):
+        tiny = _tiny(ref)
+        tok = tiny.tokenizer()
+        config = _TINY_CONFIGS[tiny.arch](len(tok), tok)
+    else:
+        from transformers import AutoConfig
+
+        config = _from_hub_or_disk(AutoConfig.from_pretrained, resolve_checkpoint(ref), ref)
+    return "seq2seq-lm" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
+
+
 def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
     """The recipe's untuned model, with the head its objective needs (quantized for qlora unless told not to)."""
     quantization = recipe.method if recipe.method.name == "qlora" and quantized else None
@@ -343,7 +356,13 @@ class _Tiny:
         # The same weights on every call: a run directory stores only the adapter, and eval rebuilds the base.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = auto_class(kind).from_config(config)
+            try:
+                model = auto_class(kind).from_config(config)
+            except ValueError:
+                raise LLMTuneError(
+                    f"model 'tiny:{self.arch}' has no {kind} form; "
+                    + ("use objective seq2seq" if config.is_encoder_decoder else "use tiny:t5 for objective seq2seq")
+                ) from None
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
         return model
@@ -384,7 +403,27 @@ def _tiny_gpt2_config(vocab_size: int, tok):
     )
 
 
-_TINY_CONFIGS = {"llama": _tiny_llama_config, "gpt2": _tiny_gpt2_config}
+def _tiny_t5_config(vocab_size: int, tok):
+    """An encoder-decoder for the seq2seq objective; like T5 the decoder starts from the pad token."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+
+
+_TINY_CONFIGS = {"llama": _tiny_llama_config, "gpt2": _tiny_gpt2_config, "t5": _tiny_t5_config}
 TINY_ARCHS = tuple(_TINY_CONFIGS)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer
 
+from llmtune.errors import LLMTuneError
 from llmtune.recipe import Recipe
 from llmtune.training import guarded
 
@@ -27,8 +28,6 @@ def check_engines(recipe: Recipe) -> None:
     """Refuse sharding settings this launch cannot honour, before any model loads."""
     import importlib.util
     import os
-
-    from llmtune.errors import LLMTuneError
 
     t = recipe.training
     if (t.fsdp or t.deepspeed) and "RANK" not in os.environ:
@@ -140,9 +139,7 @@ def build_distill(
     cross-entropy term; GKD's trainer re-tokenizes through SFTTrainer. Neither takes our masked rows with an
     `alpha` mix, so a small Trainer subclass computes the loss, reusing TRL's generalised JSD for the divergence.
     """
-    from transformers import TrainingArguments
 
-    from llmtune.errors import LLMTuneError
     from llmtune.models import check_same_tokenizer, load_teacher, load_tokenizer
 
     spec = recipe.objective
@@ -154,18 +151,56 @@ def build_distill(
             f"objective.teacher {spec.teacher!r}: its output head has {sizes[1]} logits per token and the student's "
             f"{sizes[0]}; distillation needs one vocabulary"
         )
+    return _build_trainer(
+        _DistillationTrainer, recipe, model, tokenizer, data, output_dir, callbacks, teacher=teacher, spec=spec
+    )
+
+
+def build_seq2seq(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    """Encoder-decoder training on data.py's (source, target) rows with the model's own cross-entropy.
+
+    A plain Trainer, not Seq2SeqTrainer: the latter only adds generation inside `evaluate`, and llmtune's
+    eval generates and scores (BLEU, ROUGE, exact match) from the run directory instead.
+    """
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise LLMTuneError(
+            f"objective seq2seq: model {recipe.model!r} is not an encoder-decoder; use a T5-family model or tiny:t5"
+        )
+    return _build_trainer(Trainer, recipe, model, tokenizer, data, output_dir, callbacks)
+
+
+def _build_trainer(
+    trainer_class: type[Trainer],
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+    **extra: Any,
+) -> Trainer:
+    """A guarded transformers Trainer over data.py's tokenized rows, padded per batch; `extra` goes to its init."""
+    from transformers import TrainingArguments
+
     args = TrainingArguments(**_training_arguments(recipe, output_dir, remove_unused_columns=False))
     model.config.use_cache = False
-    trainer = guarded(_DistillationTrainer)(
+    trainer = guarded(trainer_class)(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
+        # An encoder-decoder builds its decoder inputs from these labels (shifted right, -100 read as padding).
         data_collator=_pad_rows(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
-        teacher=teacher,
-        spec=spec,
+        **extra,
     )
     _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
     return trainer
@@ -280,6 +315,7 @@ def _quiet_experimental():
 OBJECTIVES: dict[str, Callable] = {
     "sft": build_sft,
     "distill": build_distill,
+    "seq2seq": build_seq2seq,
 }
 
 

@@ -214,7 +214,18 @@ class DistillSpec(_ObjectiveOptions):
         return self
 
 
-ObjectiveSpec = Annotated[Union[SFTSpec, DistillSpec], Field(discriminator="name")]
+class Seq2SeqSpec(_ObjectiveOptions):
+    """Encoder-decoder training (T5 family): the source goes to the encoder, the loss is on the decoder's target."""
+
+    name: Literal["seq2seq"]
+    model_kind: ClassVar[str] = "seq2seq-lm"
+    # Read by data.py: rows are encoded as a source and a target sequence, not one sequence with a masked prompt.
+    loss_on: ClassVar[str] = "target"
+
+
+SEQ2SEQ_FORMATS = ("prompt_completion", "instruction")
+
+ObjectiveSpec = Annotated[Union[SFTSpec, DistillSpec, Seq2SeqSpec], Field(discriminator="name")]
 
 
 class DataSpec(_Spec):
@@ -297,6 +308,8 @@ class Recipe(_Spec):
             self.objective.loss_on = "all"
         if self.objective.name == "distill":
             self._check_distill()
+        if self.objective.name == "seq2seq":
+            self._check_seq2seq()
         if self.data.packing and self.method.name in ("prefix", "prompt", "p-tuning"):
             raise ValueError(
                 f"data.packing: {self.method.name} adds virtual tokens in front of each sequence, so in a pack only "
@@ -308,6 +321,26 @@ class Recipe(_Spec):
                 "which gradient checkpointing switches off; set it to false"
             )
         return self
+
+    def _check_seq2seq(self) -> None:
+        data = self.data
+        if data.format not in SEQ2SEQ_FORMATS:
+            raise ValueError(
+                f"data.format: objective seq2seq maps a source to a target; use {' or '.join(SEQ2SEQ_FORMATS)} "
+                f"(prompt -> completion, instruction + input -> output), not {data.format!r}"
+            )
+        if data.packing:
+            raise ValueError("data.packing: objective seq2seq pads source and target per row; set it to false")
+        if data.chat_template and "chat_template" in data.model_fields_set:
+            raise ValueError(
+                "data.chat_template: an encoder-decoder reads the source as plain text; remove it or set it to false"
+            )
+        data.chat_template = False
+        if self.method.name in ("prefix", "prompt", "p-tuning"):
+            raise ValueError(
+                f"method {self.method.name}: virtual tokens are not supported with objective seq2seq here; "
+                "use lora, full or another method that changes weights"
+            )
 
     def _check_distill(self) -> None:
         objective = self.objective
