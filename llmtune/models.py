@@ -156,9 +156,9 @@ def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
 
 def load_teacher(ref: str, dtype: str = "float32") -> PreTrainedModel:
     """A frozen model in eval mode: any model reference, or a run directory whose tuned model is merged."""
-    path = Path(ref).expanduser()
     from llmtune.artifacts import is_run_dir
 
+    path = Path(ref).expanduser()
     if is_run_dir(path):
         model, _ = load_tuned(path, dequantize=True)
         if hasattr(model, "merge_and_unload"):

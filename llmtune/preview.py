@@ -71,6 +71,9 @@ def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3
     source = recipe.data.train
     dataset, counts = encode_dataset(train, tokenizer, recipe.data, recipe.objective.loss_on, source)
     rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
+    if recipe.objective.loss_on == "target":
+        # An encoder-decoder row is shown as its source (encoder input, no loss) followed by its target.
+        rows = [(ids + labels, [IGNORE_INDEX] * len(ids) + labels) for ids, labels in rows]
     # Truncation cuts the EOS off the end of a row; only when it happened may a full-length row lack one.
     check_labels(rows, tokenizer, source, recipe.data.max_length if counts["truncated"] else None)
     return DataPreview(

@@ -85,6 +85,17 @@ def test_rows_become_source_plus_eos_and_target_plus_eos_with_loss_on_every_targ
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_preview_shows_the_source_then_the_target_as_the_loss_tokens(tmp_path: Path):
+    from llmtune.preview import build_preview
+
+    tok = load_tokenizer("tiny:t5")
+    preview = build_preview(load_recipe(write_s2s_recipe(tmp_path, rows=4)), tok, n=1)
+    [tokens] = preview.rows
+    row = reverse_rows(4, seed=0)[0]
+    assert "".join(t.text for t in tokens) == f"{row['prompt']}{tok.eos_token}{row['completion']}{tok.eos_token}"
+    assert "".join(t.text for t in tokens if t.loss) == f"{row['completion']}{tok.eos_token}"
+
+
 def test_instruction_rows_join_instruction_and_input_into_the_source(tmp_path: Path):
     tok = load_tokenizer("tiny:t5")
     path = write_s2s_recipe(tmp_path, data={"train": "data/train.jsonl", "format": "instruction", "eval_split": 0})
