@@ -173,7 +173,11 @@ def build_seq2seq(
         raise LLMTuneError(
             f"objective seq2seq: model {recipe.model!r} is not an encoder-decoder; use a T5-family model or tiny:t5"
         )
-    return _build_trainer(Trainer, recipe, model, tokenizer, data, output_dir, callbacks)
+    trainer = _build_trainer(Trainer, recipe, model, tokenizer, data, output_dir, callbacks)
+    # T5 and BART take **kwargs but return a plain mean loss, ignoring num_items_in_batch; left True, the Trainer
+    # would not divide that loss by grad_accum and the accumulated gradient and logged loss would be grad_accum x.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def _build_trainer(

@@ -187,3 +187,14 @@ def test_finetune_eval_merge_generate_through_cli_and_library(tmp_path: Path):
     [expected] = generate_texts(reloaded, tok, [ids[0].tolist()], max_new_tokens=6, batch_size=1)
     text = ok(run_cli("generate", str(merged), "abcd", "--max-new-tokens", "6", cwd=tmp_path)).stdout.strip()
     assert text == expected == complete(str(run), "abcd", max_new_tokens=6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, one_torch_thread):
+    # T5 ignores num_items_in_batch; the Trainer must then divide its mean loss by grad_accum itself.
+    logged = {}
+    for grad_accum, batch_size in ((1, 8), (2, 4)):
+        training = {"max_steps": 1, "batch_size": batch_size, "grad_accum": grad_accum, "seed": 0, "logging_steps": 1}
+        path = write_s2s_recipe(tmp_path, f"ga{grad_accum}", rows=8, method={"name": "full"}, training=training)
+        [first, *_] = read_jsonl(finetune(path).run.path / "trainer_log.jsonl")
+        logged[grad_accum] = (first["loss"], first["grad_norm"])
+    assert logged[2] == pytest.approx(logged[1], rel=0.05)
