@@ -367,8 +367,14 @@ def encode(
     return ids, labels
 
 
-def encode_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of a prompt exactly as training saw them before the response (with the generation prompt)."""
+def encode_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase, encoder_decoder: bool = False) -> list[int]:
+    """Token ids of a prompt exactly as training saw them before the response (with the generation prompt).
+
+    Args:
+        encoder_decoder: the prompt is an encoder's whole input (the source, then EOS), as objective seq2seq trains.
+    """
+    if encoder_decoder:
+        return _plain_ids(tokenizer, "".join(t for t, _ in sample.segments))
     if sample.messages is not None:
         text = _render(tokenizer, sample.messages, add_generation_prompt=True)
     else:
@@ -378,12 +384,7 @@ def encode_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[in
 
 
 def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
-    eos = tokenizer.eos_token
-    if not eos:
-        raise LLMTuneError(
-            f"tokenizer {tokenizer.name_or_path!r} has no EOS token, so a tuned model could not learn to stop; "
-            "use a tokenizer that defines eos_token"
-        )
+    eos = _eos_token(tokenizer)
     if sample.segments is not None:
         pieces = list(sample.segments)
         text, loss = pieces[-1]
@@ -422,6 +423,30 @@ def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[st
     if tail:
         pieces.append((tail, False))
     return [p for p in pieces if p[0]]
+
+
+def _eos_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    if not tokenizer.eos_token:
+        raise LLMTuneError(
+            f"tokenizer {tokenizer.name_or_path!r} has no EOS token, so a tuned model could not learn to stop; "
+            "use a tokenizer that defines eos_token"
+        )
+    return tokenizer.eos_token
+
+
+def encode_seq2seq(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Encoder input (the source, then EOS) and labels (the target, then EOS) for an encoder-decoder.
+
+    Every label carries loss: the decoder sees only the target, shifted right behind its start token.
+    """
+    prompt, target = sample.prompt_and_reference()
+    return encode_prompt(prompt, tokenizer, encoder_decoder=True), _plain_ids(tokenizer, target)
+
+
+def _plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # T5's tokenizer appends EOS itself, the in-process byte tokenizer prepends BOS: add EOS explicitly instead.
+    _eos_token(tokenizer)
+    return [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -471,16 +496,22 @@ def _bos_to_add(tokenizer: PreTrainedTokenizerBase) -> int | None:
 def encode_dataset(
     samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, loss_on: str, source: str
 ) -> tuple[Dataset, dict[str, int]]:
-    """Tokenize, mask and length-limit samples; returns the dataset and counts of what was cut."""
+    """Tokenize, mask and length-limit samples; returns the dataset and counts of what was cut.
+
+    Args:
+        loss_on: 'response' or 'all' for one causal sequence per row; 'target' for an encoder-decoder's source
+            (input_ids) and target (labels).
+    """
     from datasets import Dataset
 
     input_ids, labels = [], []
     truncated = dropped = 0
     for i, sample in enumerate(samples, 1):
-        ids, lab = encode(sample, tokenizer, loss_on)
+        ids, lab = encode_seq2seq(sample, tokenizer) if loss_on == "target" else encode(sample, tokenizer, loss_on)
         if not any(t != IGNORE_INDEX for t in lab):
             raise LLMTuneError(f"{source}: row {i} has no tokens that carry loss")
-        if len(ids) > spec.max_length:
+        # Causal rows: labels align with ids. Seq2seq rows: source and target are each limited to max_length.
+        if max(len(ids), len(lab)) > spec.max_length:
             if spec.overflow == "drop":
                 dropped += 1
                 continue
@@ -500,7 +531,8 @@ def encode_dataset(
         "rows": len(input_ids),
         "truncated": truncated,
         "dropped": dropped,
-        "tokens": sum(len(x) for x in input_ids),
+        # A seq2seq row's tokens are its source and its target.
+        "tokens": sum(len(x) for x in input_ids) + (sum(len(x) for x in labels) if loss_on == "target" else 0),
         "loss_tokens": sum(sum(t != IGNORE_INDEX for t in lab) for lab in labels),
     }
     return Dataset.from_dict({"input_ids": input_ids, "labels": labels}), counts

@@ -24,8 +24,8 @@ from llmtune.data import (
     split_samples,
 )
 from llmtune.errors import LLMTuneError
-from llmtune.models import load_base_model, load_model, load_tokenizer, load_tuned
-from llmtune.recipe import Recipe, load_recipe
+from llmtune.models import checkpoint_kind, load_base_model, load_model, load_teacher, load_tokenizer, load_tuned
+from llmtune.recipe import DistillSpec, Recipe, load_recipe
 from llmtune.report import write_run_report
 
 if TYPE_CHECKING:
@@ -72,12 +72,17 @@ def evaluate(
         raise LLMTuneError(f"{path}: no held-out data; set data.eval or data.eval_split above 0")
     samples = samples[: recipe.eval.max_examples or len(samples)]
 
-    score = score_preferences if recipe.data.format == "preference" else score_model
+    teacher = _teacher_of(recipe)
+    if teacher is not None and label == "tuned":
+        compare_base = True  # a distilled student is always shown beside its untrained self and its teacher
+
     results, generations = {}, {}
-    results[label], generations[label] = score(model, tokenizer, samples, recipe)
+    results[label], generations[label] = score_model(model, tokenizer, samples, recipe, teacher)
     if compare_base:
         with _base_of(model, recipe) as base:
-            results["base"], generations["base"] = score(base, tokenizer, samples, recipe)
+            results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe, teacher)
+    if teacher is not None:
+        results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
 
     notes = []
     if "base" in results and recipe.objective.model_kind == "sequence-classification":
@@ -85,7 +90,7 @@ def evaluate(
             "base: its classification head is new and untrained (initialised from training.seed); its scores are "
             "those of the model training started from, not of a trained classifier"
         )
-    predictions = _prediction_rows(samples, tokenizer, generations)
+    predictions = _prediction_rows(samples, tokenizer, generations, is_encoder_decoder(model))
     if out is not None:
         artifacts.write_json(out, results)
         if predictions:
@@ -93,6 +98,12 @@ def evaluate(
     if label == "tuned" and out == path / artifacts.EVAL_FILE:
         write_run_report(RunDir(path))
     return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples), notes=notes)
+
+
+def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
+    if not isinstance(recipe.objective, DistillSpec):
+        return None
+    return load_teacher(recipe.objective.teacher, recipe.training.dtype)
 
 
 @contextlib.contextmanager
@@ -113,7 +124,10 @@ def _predictions_path(out: Path, target: Path) -> Path:
 
 
 def _prediction_rows(
-    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, generations: dict[str, list[str] | None]
+    samples: list[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    generations: dict[str, list[str] | None],
+    encoder_decoder: bool,
 ) -> list[dict[str, Any]]:
     if any(g is None for g in generations.values()):
         return []
@@ -122,7 +136,7 @@ def _prediction_rows(
         prompt, reference = sample.prompt_and_reference()
         rows.append(
             {
-                "prompt": tokenizer.decode(encode_prompt(prompt, tokenizer)),
+                "prompt": tokenizer.decode(encode_prompt(prompt, tokenizer, encoder_decoder)),
                 "reference": reference,
                 "prediction": {name: gens[i] for name, gens in generations.items()},
             }
@@ -131,26 +145,39 @@ def _prediction_rows(
 
 
 def score_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[Sample],
+    recipe: Recipe,
+    teacher: PreTrainedModel | None = None,
 ) -> tuple[dict[str, float], list[str] | None]:
-    """The recipe's metrics for one model, and its generations (None when no generation metric applies)."""
-    scorer = _OBJECTIVE_SCORERS.get(recipe.objective.name)
+    """The recipe's metrics for one model, and its generations (None when no generation metric applies).
+
+    Args:
+        teacher: for distillation, also report the mean KL(teacher || model) per response token (kl_to_teacher).
+    """
+    scorer = score_preferences if recipe.data.format == "preference" else _OBJECTIVE_SCORERS.get(recipe.objective.name)
     if scorer is not None:
         return scorer(model, tokenizer, samples, recipe)
     wanted = recipe.eval.metrics
     model.eval()
     results: dict[str, float] = {}
-    if "perplexity" in wanted:
+    if "perplexity" in wanted or teacher is not None:
         # Objectives without loss_on (grpo) are scored on their reference responses.
         loss_on = getattr(recipe.objective, "loss_on", "response")
         dataset, _ = encode_dataset(samples, tokenizer, recipe.data, loss_on, "eval data")
+    if "perplexity" in wanted:
         nll, n = response_nll(model, tokenizer, dataset["input_ids"], dataset["labels"], recipe.eval.batch_size)
         results["perplexity"] = metrics.perplexity(nll, n)
         results["loss"] = nll / n
+    if teacher is not None:
+        results["kl_to_teacher"] = teacher_kl(
+            model, teacher, tokenizer, dataset["input_ids"], dataset["labels"], recipe.eval.batch_size
+        )
     pairs = [s.prompt_and_reference() for s in samples]
     if not any(m in wanted for m in GENERATION_METRICS) or any(p is None for p in pairs):
         return results, None
-    prompts = [encode_prompt(p, tokenizer) for p, _ in pairs]
+    prompts = [encode_prompt(p, tokenizer, is_encoder_decoder(model)) for p, _ in pairs]
     references = [r for _, r in pairs]
     predictions = generate_texts(model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size)
     if "bleu" in wanted:
@@ -256,14 +283,19 @@ def sequence_logps(
     for start in range(0, len(input_ids), batch_size):
         ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
         lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
-        # Prompt tuning returns logits for its virtual tokens too; they come first.
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :].float()
-        shifted = lab[:, 1:]
+        if is_encoder_decoder(model):
+            # The decoder reads the labels shifted right behind its start token; logit t predicts label t.
+            logits = model(input_ids=ids, attention_mask=attn, labels=lab).logits.float()
+            targets = lab
+        else:
+            # Prompt tuning returns logits for its virtual tokens too; they come first.
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :][:, :-1].float()
+            targets = lab[:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none"
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )
         logps.extend((-nll.sum(dim=1)).tolist())
-        counts.extend((shifted != IGNORE_INDEX).sum(dim=1).tolist())
+        counts.extend((targets != IGNORE_INDEX).sum(dim=1).tolist())
     return logps, counts
 
 
@@ -280,6 +312,29 @@ def response_nll(
     if count == 0 or not math.isfinite(total):
         raise LLMTuneError(f"evaluation: negative log-likelihood is {total} over {count} tokens")
     return total, count
+
+
+@torch.no_grad()
+def teacher_kl(
+    model: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    batch_size: int,
+) -> float:
+    """Mean forward KL(teacher || model) at temperature 1 over the tokens that carry loss (nats per token)."""
+    total, count = 0.0, 0
+    for start in range(0, len(input_ids), batch_size):
+        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
+        student = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :, :].float().log_softmax(-1)
+        reference = teacher(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
+        per_token = (reference.exp() * (reference - student)).sum(-1)[:, :-1]
+        mask = lab[:, 1:] != IGNORE_INDEX
+        total += per_token[mask].sum().item()
+        count += int(mask.sum())
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -309,9 +364,14 @@ def generate_texts(
             pad_token_id=tokenizer.pad_token_id,
             **sampling,
         )
-        for row in out[:, ids.size(1) :]:
+        # A decoder-only model returns prompt + completion; an encoder-decoder returns the decoder's output only.
+        for row in out if is_encoder_decoder(model) else out[:, ids.size(1) :]:
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
+
+
+def is_encoder_decoder(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def pad_batch(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,17 +413,18 @@ def complete(
         system_prompt = data.system_prompt
     else:
         tokenizer = load_tokenizer(target)
-        model = load_model(target)
-        use_template = bool(tokenizer.chat_template)
+        kind = checkpoint_kind(target)
+        model = load_model(target, kind=kind)
+        # An encoder-decoder reads plain source text, as objective seq2seq trained it.
+        use_template = bool(tokenizer.chat_template) and kind == "causal-lm"
     if raw or not use_template:
         sample = Sample(segments=[(prompt, False)])
     else:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         sample = Sample(messages=[*system, {"role": "user", "content": prompt}])
     torch.manual_seed(seed)
-    [text] = generate_texts(
-        model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens, 1, temperature, top_k, top_p
-    )
+    prompt_ids = encode_prompt(sample, tokenizer, is_encoder_decoder(model))
+    [text] = generate_texts(model, tokenizer, [prompt_ids], max_new_tokens, 1, temperature, top_k, top_p)
     return text
 
 

@@ -110,7 +110,11 @@ def _probe_batch(run: artifacts.RunDir, tokenizer) -> dict[str, torch.Tensor]:
     if not prompts:
         prompts = [tokenizer(text)["input_ids"] for text in _FALLBACK_PROBES]
     ids, attn = pad_batch(prompts, tokenizer.pad_token_id, left=False)
-    return {"input_ids": ids, "attention_mask": attn}
+    batch = {"input_ids": ids, "attention_mask": attn}
+    if recipe.objective.model_kind == "seq2seq-lm":
+        # An encoder-decoder needs decoder inputs too; the probe ids serve, as both sides of the check get the same.
+        batch["decoder_input_ids"] = ids
+    return batch
 
 
 def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -78,6 +78,11 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         return _tiny(ref).tokenizer()
     from transformers import AutoTokenizer
 
+    from llmtune.artifacts import RunDir, is_run_dir
+
+    if is_run_dir(Path(ref).expanduser()):
+        return AutoTokenizer.from_pretrained(RunDir(Path(ref).expanduser()).tokenizer)
+
     tokenizer = _from_hub_or_disk(AutoTokenizer.from_pretrained, resolve_checkpoint(ref), ref)
     if tokenizer.pad_token is None:
         # Padding positions never carry loss (labels are padded with -100), so reusing EOS is safe.
@@ -142,10 +147,26 @@ def _write_checkpoint(model: PreTrainedModel, directory: Path) -> None:
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+def checkpoint_kind(ref: str) -> str:
+    """'seq2seq-lm' for an encoder-decoder checkpoint (a merged T5, say), else 'causal-lm'."""
+    if ref.startswith("tiny:"):
+        tiny = _tiny(ref)
+        tok = tiny.tokenizer()
+        config = _TINY_CONFIGS[tiny.arch](len(tok), tok)
+    else:
+        from transformers import AutoConfig
+
+        config = _from_hub_or_disk(AutoConfig.from_pretrained, resolve_checkpoint(ref), ref)
+    return "seq2seq-lm" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
+
+
 def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
     """The recipe's untuned model, with the head its objective needs (quantized for qlora unless told not to)."""
     quantization = recipe.method if recipe.method.name == "qlora" and quantized else None
     objective = recipe.objective
+    student = getattr(objective, "student", None)
+    if student is not None:
+        return build_student(load_teacher(objective.teacher, recipe.training.dtype), student.from_teacher)
     model = load_model(
         recipe.model, recipe.training.dtype, quantization, objective.model_kind, **objective.head_config()
     )
@@ -153,6 +174,69 @@ def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
         # A decoder classifier pools its last non-padding token, so it must know which token is padding.
         model.config.pad_token_id = load_tokenizer(recipe.tokenizer or recipe.model).pad_token_id
     return model
+
+
+def load_teacher(ref: str, dtype: str = "float32") -> PreTrainedModel:
+    """A frozen model in eval mode: any model reference, or a run directory whose tuned model is merged."""
+    from llmtune.artifacts import is_run_dir
+
+    path = Path(ref).expanduser()
+    if is_run_dir(path):
+        model, _ = load_tuned(path, dequantize=True)
+        if hasattr(model, "merge_and_unload"):
+            # A plain model runs faster than base + adapter, and the teacher never trains.
+            model = model.merge_and_unload()
+    else:
+        model = load_model(ref, dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def build_student(teacher: PreTrainedModel, how: str = "every_other_layer") -> PreTrainedModel:
+    """DistilBERT's student: the teacher's architecture with blocks 0, 2, 4, ... and its other weights copied."""
+    import re
+
+    from llmtune.methods import _blocks
+
+    prefix, n_blocks = _blocks(teacher)
+    kept = list(range(0, n_blocks, 2))
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    new_index = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        match = pattern.match(name)
+        if match is None:
+            state[name] = tensor
+        elif int(match.group(1)) in new_index:
+            state[pattern.sub(f"{prefix}.{new_index[int(match.group(1))]}.", name)] = tensor
+    student = type(teacher)(config).to(teacher.dtype)
+    # strict: every student weight must come from the teacher, none left at its random init.
+    student.load_state_dict(state, strict=True)
+    student.generation_config = teacher.generation_config
+    return student
+
+
+def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_ref: str) -> None:
+    """Distillation compares distributions token by token, so both sides must use one vocabulary."""
+    if student.get_vocab() != teacher.get_vocab():
+        raise LLMTuneError(
+            f"objective.teacher {teacher_ref!r}: its tokenizer's vocabulary differs from the student's "
+            f"({len(teacher)} vs {len(student)} tokens); distillation needs teacher and student to share a tokenizer"
+        )
+    differ = [
+        name
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if getattr(student, name) != getattr(teacher, name)
+    ]
+    if differ:
+        raise LLMTuneError(
+            f"objective.teacher {teacher_ref!r}: special tokens differ from the student's ({', '.join(differ)}); "
+            "distillation needs teacher and student to share a tokenizer"
+        )
 
 
 def _bnb_config(spec: QLoraSpec):
@@ -296,7 +380,13 @@ class _Tiny:
         # The same weights on every call: a run directory stores only the adapter, and eval rebuilds the base.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = auto_class(kind).from_config(config)
+            try:
+                model = auto_class(kind).from_config(config)
+            except ValueError:
+                raise LLMTuneError(
+                    f"model 'tiny:{self.arch}' has no {kind} form; "
+                    + ("use objective seq2seq" if config.is_encoder_decoder else "use tiny:t5 for objective seq2seq")
+                ) from None
         if getattr(model, "generation_config", None) is not None:  # heads that do not generate have none
             model.generation_config.pad_token_id = tok.pad_token_id
             model.generation_config.eos_token_id = tok.eos_token_id
@@ -351,7 +441,32 @@ def _tiny_bert_config(vocab_size: int, tok):
     return BertConfig(vocab_size=vocab_size, **_TINY_SIZES, pad_token_id=tok.pad_token_id)
 
 
-_TINY_CONFIGS = {"llama": _tiny_llama_config, "gpt2": _tiny_gpt2_config, "bert": _tiny_bert_config}
+def _tiny_t5_config(vocab_size: int, tok):
+    """An encoder-decoder for the seq2seq objective; like T5 the decoder starts from the pad token."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+
+
+_TINY_CONFIGS = {
+    "llama": _tiny_llama_config,
+    "gpt2": _tiny_gpt2_config,
+    "bert": _tiny_bert_config,
+    "t5": _tiny_t5_config,
+}
 TINY_ARCHS = tuple(_TINY_CONFIGS)
 
 

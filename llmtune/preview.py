@@ -73,16 +73,19 @@ def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3
             f"data preview shows which tokens carry loss; a classifier's target is one label per row: "
             f"llmtune validate checks {source} and its labels"
         )
+    # Objectives without loss_on show each row with its response (a preference pair: its chosen response).
+    loss_on = getattr(recipe.objective, "loss_on", "response")
     if recipe.objective.name == "lm":
         data = prepare_data(recipe, tokenizer)
         dataset, counts, cut = data.train, data.report["train"], recipe.data.max_length
     else:
         train, _ = split_samples(recipe)
-        # Objectives without loss_on show each row with its response (a preference pair: its chosen response).
-        loss_on = getattr(recipe.objective, "loss_on", "response")
         dataset, counts = encode_dataset(train, tokenizer, recipe.data, loss_on, source)
         cut = recipe.data.max_length if counts["truncated"] else None
     rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
+    if loss_on == "target":
+        # An encoder-decoder row is shown as its source (encoder input, no loss) followed by its target.
+        rows = [(ids + labels, [IGNORE_INDEX] * len(ids) + labels) for ids, labels in rows]
     # Truncation (and lm's blocks) cut rows anywhere; only then may a full-length row lack its EOS.
     check_labels(rows, tokenizer, source, cut)
     return DataPreview(

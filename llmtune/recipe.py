@@ -307,8 +307,78 @@ class ClassifySpec(_ObjectiveOptions):
         }
 
 
+class StudentSpec(_Spec):
+    from_teacher: Literal["every_other_layer"] = Field(
+        description="build the student from the teacher (DistilBERT's trick): its config with half the blocks, "
+        "copying embeddings, final norm, head and blocks 0, 2, 4, ..."
+    )
+
+
+class DistillSpec(_ObjectiveOptions):
+    name: Literal["distill"]
+    teacher: str = Field(description="model reference or run directory (a tuned teacher); frozen during training")
+    temperature: float = Field(
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="softens both distributions; >1 shows the teacher's ranking of wrong tokens",
+    )
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="loss = alpha * CE(data) + (1 - alpha) * T^2 * divergence(teacher, student)"
+    )
+    divergence: Literal["forward", "reverse", "jsd"] = Field(
+        "forward",
+        description="forward KL(teacher||student): covers every teacher mode; reverse: mode-seeking; "
+        "jsd: generalised Jensen-Shannon with beta",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="jsd only: weight of the teacher in the mixture M = beta * teacher + (1 - beta) * student "
+        "(TRL's generalised JSD; default 0.5)",
+    )
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="tokens that carry both losses: 'response' (completions) or 'all'"
+    )
+    student: StudentSpec | None = Field(
+        None, description="null: the recipe's model + method is the student; or {from_teacher: every_other_layer}"
+    )
+
+    @model_validator(mode="after")
+    def _beta_for_jsd(self) -> DistillSpec:
+        if self.divergence == "jsd" and self.beta is None:
+            self.beta = 0.5
+        elif self.divergence != "jsd" and self.beta is not None:
+            raise ValueError(f"beta is only used with divergence: jsd (divergence is {self.divergence!r})")
+        return self
+
+
+class Seq2SeqSpec(_ObjectiveOptions):
+    """Encoder-decoder training (T5 family): the source goes to the encoder, the loss is on the decoder's target."""
+
+    name: Literal["seq2seq"]
+    model_kind: ClassVar[str] = "seq2seq-lm"
+    # Read by data.py: rows are encoded as a source and a target sequence, not one sequence with a masked prompt.
+    loss_on: ClassVar[str] = "target"
+
+
+SEQ2SEQ_FORMATS = ("prompt_completion", "instruction")
+
 ObjectiveSpec = Annotated[
-    Union[SFTSpec, LMSpec, ClassifySpec, DPOSpec, ORPOSpec, SimPOSpec, KTOSpec, GRPOSpec, RewardModelSpec],
+    Union[
+        SFTSpec,
+        DistillSpec,
+        LMSpec,
+        ClassifySpec,
+        Seq2SeqSpec,
+        DPOSpec,
+        ORPOSpec,
+        SimPOSpec,
+        KTOSpec,
+        GRPOSpec,
+        RewardModelSpec,
+    ],
     Field(discriminator="name"),
 ]
 
@@ -411,6 +481,10 @@ class Recipe(_Spec):
         if self.data.format == "text" and isinstance(self.objective, SFTSpec) and self.objective.loss_on == "response":
             # Plain text has no response part: every token is the target.
             self.objective.loss_on = "all"
+        if self.objective.name == "distill":
+            self._check_distill()
+        if self.objective.name == "seq2seq":
+            self._check_seq2seq()
         if self.data.packing and self.method.name in ("prefix", "prompt", "p-tuning"):
             raise ValueError(
                 f"data.packing: {self.method.name} adds virtual tokens in front of each sequence, so in a pack only "
@@ -422,6 +496,42 @@ class Recipe(_Spec):
                 "which gradient checkpointing switches off; set it to false"
             )
         return self
+
+    def _check_seq2seq(self) -> None:
+        data = self.data
+        if data.format not in SEQ2SEQ_FORMATS:
+            raise ValueError(
+                f"data.format: objective seq2seq maps a source to a target; use {' or '.join(SEQ2SEQ_FORMATS)} "
+                f"(prompt -> completion, instruction + input -> output), not {data.format!r}"
+            )
+        if data.packing:
+            raise ValueError("data.packing: objective seq2seq pads source and target per row; set it to false")
+        if data.chat_template and "chat_template" in data.model_fields_set:
+            raise ValueError(
+                "data.chat_template: an encoder-decoder reads the source as plain text; remove it or set it to false"
+            )
+        data.chat_template = False
+        if self.method.name in ("prefix", "prompt", "p-tuning"):
+            raise ValueError(
+                f"method {self.method.name}: virtual tokens are not supported with objective seq2seq here; "
+                "use lora, full or another method that changes weights"
+            )
+
+    def _check_distill(self) -> None:
+        objective = self.objective
+        if self.data.packing:
+            raise ValueError("data.packing: objective distill compares teacher and student per row; set it to false")
+        if objective.student is not None:
+            if self.model != objective.teacher:
+                raise ValueError(
+                    f"model: objective.student.from_teacher builds the student from the teacher, so model must name "
+                    f"the teacher ({objective.teacher!r}), not {self.model!r}"
+                )
+            if self.method.name == "qlora":
+                raise ValueError(
+                    "method qlora: a student built from the teacher is a new model, not a frozen pretrained base; "
+                    "use full, lora or another method"
+                )
 
     @model_validator(mode="after")
     def _check_objective_data(self) -> Recipe:
@@ -608,9 +718,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         if not config.is_file():
             raise LLMTuneError(f"{config}: training.deepspeed file not found (paths are relative to the recipe file)")
         training = training.model_copy(update={"deepspeed": str(config.resolve())})
-    model = recipe.model
-    if not model.startswith(("builtin:", "tiny:")) and (base / model).is_dir():
-        model = str((base / model).resolve())
+    model = _resolve_model_ref(recipe.model, base)
     objective = recipe.objective
     if getattr(objective, "reward_model", None) is not None:
         scorer = (base / objective.reward_model).expanduser()
@@ -620,9 +728,18 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
                 "sequence-classification checkpoint; paths are relative to the recipe file)"
             )
         objective = objective.model_copy(update={"reward_model": str(scorer.resolve())})
+    if isinstance(objective, DistillSpec):
+        objective = objective.model_copy(update={"teacher": _resolve_model_ref(objective.teacher, base)})
     return recipe.model_copy(
         update={"data": data.model_copy(update=updates), "model": model, "training": training, "objective": objective}
     )
+
+
+def _resolve_model_ref(ref: str, base: Path) -> str:
+    """A model directory relative to the recipe file becomes absolute; other references stay as written."""
+    if not ref.startswith(("builtin:", "tiny:")) and (base / ref).is_dir():
+        return str((base / ref).resolve())
+    return ref
 
 
 def is_local_data_ref(ref: str) -> bool:

@@ -115,6 +115,7 @@ def _report_markdown(
 
 def _metrics_table(evaluation: dict[str, Any]) -> str:
     columns = [c for c in ("base", "tuned") if c in evaluation]
+    columns += [c for c in evaluation if c not in ("base", "tuned")]  # e.g. a distillation teacher
     names = list(dict.fromkeys(k for c in columns for k in evaluation[c]))
     rows = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in names:

@@ -33,12 +33,15 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     columns = [c for c in ("base", "tuned") if c in results]
     if len(columns) == 2:
         columns.append("delta")
+    # Further models (a distillation teacher) follow as extra columns.
+    columns += [c for c in results if c not in ("base", "tuned")]
     metrics = list(dict.fromkeys(k for r in results.values() for k in r))
     width = max(12, *(len(name) + 1 for name in metrics))
     lines = [f"{'metric':<{width}}" + "".join(f"{c:>12}" for c in columns)]
     for name in metrics:
-        cells = [results[c].get(name) for c in columns if c != "delta"]
+        cells = [results[c].get(name) if c != "delta" else None for c in columns]
         if "delta" in columns:
-            cells.append(cells[1] - cells[0] if None not in cells else None)
+            before, after = results["base"].get(name), results["tuned"].get(name)
+            cells[2] = after - before if None not in (before, after) else None
         lines.append(f"{name:<{width}}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
     return "\n".join(lines)
