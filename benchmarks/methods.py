@@ -21,7 +21,20 @@ from llmtune.run import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 # Recipes on the builtin model, one per method (bitfit needs a hub model with biases and is left out).
-RECIPES = ["quickstart", "rslora", "dora", "qlora", "ia3", "prefix", "prompt", "p-tuning", "head", "layers", "full"]
+RECIPES = [
+    "quickstart",
+    "rslora",
+    "dora",
+    "qlora",
+    "ia3",
+    "prefix",
+    "prompt",
+    "p-tuning",
+    "adapter",
+    "head",
+    "layers",
+    "full",
+]
 
 
 def run_one(name: str, steps: int, examples: int, workdir: Path) -> dict:
@@ -30,7 +43,7 @@ def run_one(name: str, steps: int, examples: int, workdir: Path) -> dict:
     started = time.time()
     result = finetune(REPO / "recipes" / f"{name}.yaml", overrides)
     train_seconds = time.time() - started
-    report = evaluate(out, compare_base=True, overrides=[f"eval.max_examples={examples}"])
+    report = evaluate(out, overrides=[f"eval.max_examples={examples}"])
     weights = out / ADAPTER_DIR if (out / ADAPTER_DIR).is_dir() else out / MODEL_DIR
     return {
         "recipe": f"recipes/{name}.yaml",
@@ -42,11 +55,16 @@ def run_one(name: str, steps: int, examples: int, workdir: Path) -> dict:
         "steps": steps,
         "eval_examples": report.examples,
         "tuned": report.results["tuned"],
-        "base": report.results["base"],
     }
 
 
-def markdown(rows: list[dict]) -> str:
+def run_base(examples: int) -> dict:
+    """The untuned builtin model on the same held-out rows: every recipe above starts from it."""
+    report = evaluate(REPO / "recipes" / "quickstart.yaml", overrides=[f"eval.max_examples={examples}"])
+    return {"recipe": "(base model, untuned)", "eval_examples": report.examples, "base": report.results["base"]}
+
+
+def markdown(rows: list[dict], base: dict) -> str:
     lines = [
         "| recipe | method | trainable params | % of total | saved | size on disk "
         "| exact match | ROUGE-L | perplexity |",
@@ -59,7 +77,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['weights_dir']}/ | {r['size_on_disk_bytes'] / 2**20:.1f} MiB | {t['exact_match']:.1f} "
             f"| {t['rougeL']:.1f} | {t['perplexity']:.3f} |"
         )
-    base = rows[0]["base"]
+    base = base["base"]
     lines.append(
         f"| (base model, untuned) | | | | | | {base['exact_match']:.1f} | {base['rougeL']:.1f} "
         f"| {base['perplexity']:.3f} |"
@@ -77,12 +95,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_one(name, args.steps, args.examples, Path(tmp)) for name in args.only]
-    text = json.dumps(rows, indent=2)
+    base = run_base(args.examples)
+    text = json.dumps({"methods": rows, "base": base}, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
     if args.markdown:
-        print(markdown(rows))
+        print(markdown(rows, base))
 
 
 if __name__ == "__main__":

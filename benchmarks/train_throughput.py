@@ -249,10 +249,13 @@ def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path) ->
         str(result),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    log = workdir / f"{side}.log"
+    # A file, not a pipe: nobody reads a pipe while wait4 blocks, and a full one would stall the child.
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
     if status != 0:
-        raise SystemExit(f"{side} child failed:\n{process.stderr.read()[-4000:]}")
+        raise SystemExit(f"{side} child failed:\n{log.read_text()[-4000:]}")
     report = json.loads(result.read_text(encoding="utf-8"))
     report["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
     return report
