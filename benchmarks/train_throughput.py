@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ class StepMeter:
     def __init__(self) -> None:
         self.loss_tokens = self.tokens = self.padded_tokens = self.micro_steps = 0
         self.start = self.end = None
+        self.peak_rss_kib = 0
         self.lengths: list[int] = []
 
     def install(self) -> None:
@@ -106,6 +108,8 @@ class StepMeter:
             meter.tokens += int(sum(real))
             meter.lengths += [int(x) for x in real]
             meter.micro_steps += 1
+            # The training peak: afterwards the llmtune side reloads its run from disk to score it.
+            meter.peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             return loss
 
         Trainer.training_step = training_step
@@ -122,6 +126,7 @@ class StepMeter:
             "trained_tokens_per_s": round(self.loss_tokens / seconds, 2),
             "tokens_per_s": round(self.tokens / seconds, 2),
             "mean_row_tokens": round(sum(self.lengths) / len(self.lengths), 1),
+            "training_peak_rss_mib": round(self.peak_rss_kib / 1024, 1),
         }
 
 
@@ -136,7 +141,8 @@ def held_out_loss(model, tokenizer, eval_path: Path) -> float:
     return nll / count
 
 
-def run_baseline(train: Path, eval_path: Path, steps: int, workdir: Path) -> dict:
+def run_baseline(train: Path, eval_path: Path, steps: int, workdir: Path, overrides: list[str]) -> dict:
+    del overrides  # recipe overrides are for the llmtune side; the baseline is the plain script as written
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -189,11 +195,12 @@ def run_baseline(train: Path, eval_path: Path, steps: int, workdir: Path) -> dic
     }
 
 
-def run_llmtune(train: Path, eval_path: Path, steps: int, workdir: Path) -> dict:
+def run_llmtune(train: Path, eval_path: Path, steps: int, workdir: Path, overrides: list[str]) -> dict:
     from llmtune.models import load_tuned
     from llmtune.run import finetune
 
     overrides = [
+        *overrides,
         f"data.train={train}",
         f"data.eval={eval_path}",
         f"data.max_length={MAX_LENGTH}",
@@ -226,11 +233,11 @@ def child_main(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(SEED)
-    report = CHILDREN[args.child](args.train, args.eval, args.steps, args.workdir)
+    report = CHILDREN[args.child](args.train, args.eval, args.steps, args.workdir, args.set)
     args.result.write_text(json.dumps(report), encoding="utf-8")
 
 
-def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path) -> dict:
+def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path, overrides: list[str]) -> dict:
     result = workdir / f"{side}.json"
     command = [
         sys.executable,
@@ -247,6 +254,7 @@ def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path) ->
         str(workdir),
         "--result",
         str(result),
+        *(f"--set={o}" for o in overrides),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     log = workdir / f"{side}.log"
@@ -257,7 +265,7 @@ def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path) ->
     if status != 0:
         raise SystemExit(f"{side} child failed:\n{log.read_text()[-4000:]}")
     report = json.loads(result.read_text(encoding="utf-8"))
-    report["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
+    report["process_peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
     return report
 
 
@@ -306,6 +314,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side and workload")
     parser.add_argument("--workloads", nargs="*", default=["quickstart", "mixed"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the llmtune side, e.g. training.bf16=false to measure one lever without the others",
+    )
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--eval", type=Path, help=argparse.SUPPRESS)
@@ -331,6 +346,7 @@ def main() -> None:
             "learning_rate": LEARNING_RATE,
             "lora": LORA,
             "max_length": MAX_LENGTH,
+            "llmtune_overrides": args.set,
         },
         "workloads": {},
     }
@@ -339,7 +355,7 @@ def main() -> None:
             workdir = Path(tmp) / name
             workdir.mkdir()
             train, eval_path = write_workload(name, workdir)
-            sides = {side: spawn(side, train, eval_path, args.steps, workdir) for side in CHILDREN}
+            sides = {side: spawn(side, train, eval_path, args.steps, workdir, args.set) for side in CHILDREN}
             for report in sides.values():
                 achieved = model_flops(report) / report["train_seconds"] / 1e9
                 report["model_gflops_per_s"] = round(achieved, 1)
@@ -348,7 +364,7 @@ def main() -> None:
             fast, base = sides["llmtune"], sides["baseline"]
             sides["ratio_llmtune_over_baseline"] = {
                 "trained_tokens_per_s": round(fast["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2),
-                "peak_rss": round(fast["peak_rss_mib"] / base["peak_rss_mib"], 2),
+                "training_peak_rss": round(fast["training_peak_rss_mib"] / base["training_peak_rss_mib"], 2),
                 "eval_loss": round(fast["eval_loss"] / base["eval_loss"], 4),
             }
             results["workloads"][name] = sides

@@ -422,6 +422,12 @@ class TrainingSpec(_Spec):
         "training.dtype; 'auto' = where the hardware computes bfloat16 natively (CUDA with bf16, CPUs with "
         "AVX512-BF16 or AMX)",
     )
+    recast_frozen: bool = Field(
+        True,
+        description="under bf16 autocast, cast frozen linear weights to bfloat16 again in backward instead of "
+        "keeping a bfloat16 copy of each from forward: less memory by the frozen weights' bf16 size, a few "
+        "percent more time",
+    )
     fused_loss: bool = Field(
         True,
         description="apply the output head only at loss-bearing positions, a chunk at a time, with its gradient "

@@ -194,3 +194,79 @@ def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
     # bf16 matmuls round to 8 bits of mantissa: the curves agree to well under a percent, not bit for bit.
     assert curves["fast"] == pytest.approx(curves["plain"], rel=1e-2)
     assert curves["fast"] != curves["plain"]
+
+
+def _saved_bytes_outside_parameters(model, fn) -> tuple[float, int]:
+    """The loss of `fn()` and the bytes autograd saved for backward that are not the model's own parameters."""
+    own = {p.data_ptr() for p in model.parameters()}
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        if t.data_ptr() not in own:
+            saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    return loss, saved
+
+
+@pytest.mark.parametrize(
+    "ref, method",
+    [
+        ("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0}),
+        ("tiny:gpt2", {"name": "bitfit"}),  # the bias trains while the weight stays frozen
+    ],
+    ids=["lora", "bitfit"],
+)
+def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(ref, method, one_torch_thread):
+    from pydantic import TypeAdapter
+
+    from llmtune.precision import recast_frozen_linears
+    from llmtune.recipe import MethodSpec
+
+    spec = TypeAdapter(MethodSpec).validate_python(method)
+    tokenizer = load_tokenizer(ref)
+    torch.manual_seed(0)
+    model = METHODS[spec.name](spec, load_model(ref), tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    batch = _batch(tokenizer)
+    frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    # Autocast keeps a bf16 copy of a frozen weight where the layer's input needs a gradient (not where it
+    # reads the frozen embeddings directly).
+    needs_grad = set()
+
+    def note(module, args):
+        if args[0].requires_grad:
+            needs_grad.add(module)
+
+    hooks = [m.register_forward_pre_hook(note) for m in frozen]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, saved = _saved_bytes_outside_parameters(model, lambda: _plain_loss(model, batch))
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, saved, grads = run()
+    for hook in hooks:
+        hook.remove()
+    bf16_copies = sum(m.weight.numel() * 2 for m in needs_grad)
+    assert recast_frozen_linears(model) == len(frozen) > 0
+    recast_loss, recast_saved, recast_grads = run()
+    # The same bf16 products in forward and backward: the same loss and gradients.
+    assert recast_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(recast_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    # Every frozen weight's bf16 copy is gone from what backward keeps.
+    assert saved - recast_saved == bf16_copies > 0
+    # Outside autocast the layers compute in the weights' own dtype, as before.
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    assert logits.dtype == torch.float32
