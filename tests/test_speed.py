@@ -51,6 +51,24 @@ def _loss_and_grads(model, fn):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _perturbed_model(ref: str, method: dict):
+    """A tiny model with `method` applied and every trainable weight moved off its initial value."""
+    from pydantic import TypeAdapter
+
+    from llmtune.recipe import MethodSpec
+
+    spec = TypeAdapter(MethodSpec).validate_python(method)
+    tokenizer = load_tokenizer(ref)
+    torch.manual_seed(0)
+    model = METHODS[spec.name](spec, load_model(ref), tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # LoRA's B starts at zero: make every gradient path non-trivial
+    model.eval()  # GPT-2's dropout would draw different masks for the two losses; gradients flow all the same
+    return model, tokenizer
+
+
 CASES = {
     # (tiny arch, method): the plain linear head (frozen and trained, tied and untied), a LoRA-wrapped head,
     # and virtual tokens in front of the sequence.
@@ -68,20 +86,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_targeted_loss_matches_cross_entropy_over_full_logits(case, autocast, one_torch_thread):
-    from pydantic import TypeAdapter
-
-    from llmtune.recipe import MethodSpec
-
-    ref, method = CASES[case]
-    spec = TypeAdapter(MethodSpec).validate_python(method)
-    tokenizer = load_tokenizer(ref)
-    torch.manual_seed(0)
-    model = METHODS[spec.name](spec, load_model(ref), tokenizer)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)  # LoRA's B starts at zero: make every gradient path non-trivial
-    model.eval()  # GPT-2's dropout would draw different masks for the two losses; gradients flow all the same
+    model, tokenizer = _perturbed_model(*CASES[case])
     batch = _batch(tokenizer)
     targeted = TargetedLoss(model, chunk_size=7)  # several chunks, the last one partial
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -221,20 +226,9 @@ def _saved_bytes_outside_parameters(model, fn) -> tuple[float, int]:
     ids=["lora", "bitfit"],
 )
 def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(ref, method, one_torch_thread):
-    from pydantic import TypeAdapter
-
     from llmtune.precision import recast_frozen_linears
-    from llmtune.recipe import MethodSpec
 
-    spec = TypeAdapter(MethodSpec).validate_python(method)
-    tokenizer = load_tokenizer(ref)
-    torch.manual_seed(0)
-    model = METHODS[spec.name](spec, load_model(ref), tokenizer)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    model.eval()
+    model, tokenizer = _perturbed_model(ref, method)
     batch = _batch(tokenizer)
     frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
     # Autocast keeps a bf16 copy of a frozen weight where the layer's input needs a gradient (not where it
