@@ -338,6 +338,16 @@ def teacher_kl(
 
 
 @torch.no_grad()
+def _has_virtual_input_tokens(model: PreTrainedModel) -> bool:
+    """Prompt tuning and p-tuning, whose virtual tokens peft prepends to the input embeddings.
+
+    With a KV cache, transformers places and masks each new token by the prompt's length, not counting the
+    virtual tokens the cache also holds, so every token after the first is decoded at the wrong positions.
+    """
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.peft_type in ("PROMPT_TUNING", "P_TUNING")
+
+
 def generate_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -362,6 +372,7 @@ def generate_texts(
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            use_cache=not _has_virtual_input_tokens(model),
             **sampling,
         )
         # A decoder-only model returns prompt + completion; an encoder-decoder returns the decoder's output only.

@@ -745,3 +745,41 @@ def test_gradient_checkpointing_trains(trained, case: str):
     plain = trained(case.removesuffix("-gc"))
     assert set(t.trainable) == set(plain.trainable)
     assert (t.logits - logits_of(load_model(E2E_CASES[case][0]), t.probe)).abs().max().item() > 0
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "prompt", "num_virtual_tokens": 4},
+        {"name": "p-tuning", "num_virtual_tokens": 4},
+        {"name": "lora", "r": 4},
+    ],
+    ids=lambda m: m["name"],
+)
+def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_torch_thread):
+    from llmtune.evaluation import generate_texts, pad_batch
+
+    spec = TypeAdapter(MethodSpec).validate_python(method)
+    tokenizer = load_tokenizer("tiny:llama")
+    torch.manual_seed(0)
+    model = METHODS[spec.name](spec, load_model("tiny:llama"), tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # virtual tokens that matter to every next-token choice
+    model.eval()
+    prompts = [tokenizer("3 July 1999 ->")["input_ids"], tokenizer("a longer prompt, 24 Nov 1968 ->")["input_ids"]]
+    # One prompt per batch: left padding would move the prompt away from the virtual tokens in front of it.
+    generated = generate_texts(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
+    expected = []
+    for prompt in prompts:
+        ids = list(prompt)
+        for _ in range(8):
+            batch, attn = pad_batch([ids], tokenizer.pad_token_id, left=True)
+            with torch.no_grad():
+                next_id = int(model(input_ids=batch, attention_mask=attn).logits[0, -1].argmax())
+            if next_id == tokenizer.eos_token_id:
+                break
+            ids.append(next_id)
+        expected.append(tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True).strip())
+    assert generated == expected
