@@ -64,6 +64,10 @@ def run_base(examples: int) -> dict:
     return {"recipe": "(base model, untuned)", "eval_examples": report.examples, "base": report.results["base"]}
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def markdown(rows: list[dict], base: dict) -> str:
     lines = [
         "| recipe | method | trainable params | % of total | saved | size on disk "
@@ -74,7 +78,7 @@ def markdown(rows: list[dict], base: dict) -> str:
         p, t = r["parameters"], r["tuned"]
         lines.append(
             f"| {r['recipe']} | {r['method']} | {p['trainable']:,} | {100 * p['trainable'] / p['total']:.3f}% "
-            f"| {r['weights_dir']}/ | {r['size_on_disk_bytes'] / 2**20:.1f} MiB | {t['exact_match']:.1f} "
+            f"| {r['weights_dir']}/ | {_size(r['size_on_disk_bytes'])} | {t['exact_match']:.1f} "
             f"| {t['rougeL']:.1f} | {t['perplexity']:.3f} |"
         )
     base = base["base"]
