@@ -337,15 +337,29 @@ def teacher_kl(
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def _has_virtual_input_tokens(model: PreTrainedModel) -> bool:
-    """Prompt tuning and p-tuning, whose virtual tokens peft prepends to the input embeddings.
+def _generation_inputs(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor) -> tuple[PreTrainedModel, dict]:
+    """The model to call `generate` on, and its inputs.
 
-    With a KV cache, transformers places and masks each new token by the prompt's length, not counting the
-    virtual tokens the cache also holds, so every token after the first is decoded at the wrong positions.
+    For prefix, prompt and p-tuning the virtual tokens go in here, and the base model generates: peft's own
+    generation path places them wrongly under transformers 5 (prefix tuning loses its prefix at the first step;
+    prompt tuning decodes every cached token at the wrong position). The attention mask covers the virtual tokens
+    too, so generate numbers positions from it exactly as training did: virtual tokens first, then the prompt,
+    left padding masked and skipped.
     """
     config = getattr(model, "active_peft_config", None)
-    return config is not None and config.peft_type in ("PROMPT_TUNING", "P_TUNING")
+    if config is None or not config.is_prompt_learning:
+        return model, {"input_ids": ids, "attention_mask": attn}
+    virtual = torch.ones(ids.size(0), config.num_virtual_tokens, dtype=attn.dtype)
+    attention_mask = torch.cat([virtual, attn], dim=1)
+    if config.peft_type == "PREFIX_TUNING":
+        # The prefix is a pre-filled KV cache; generate skips the input ids it covers, so any id stands in for them.
+        stand_ins = torch.full_like(virtual, ids[0, -1].item())
+        inputs = {"input_ids": torch.cat([stand_ins, ids], dim=1), "cache": model.get_prompt(batch_size=ids.size(0))}
+    else:
+        prompts = model.get_prompt(batch_size=ids.size(0))
+        embeds = model.get_input_embeddings()(ids)
+        inputs = {"inputs_embeds": torch.cat([prompts.to(embeds.dtype), embeds], dim=1)}
+    return model.get_base_model(), {**inputs, "attention_mask": attention_mask}
 
 
 def generate_texts(
@@ -366,17 +380,17 @@ def generate_texts(
     texts = []
     for start in range(0, len(prompts), batch_size):
         ids, attn = pad_batch(prompts[start : start + batch_size], tokenizer.pad_token_id, left=True)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
+        generator, inputs = _generation_inputs(model, ids, attn)
+        out = generator.generate(
+            **inputs,
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            use_cache=not _has_virtual_input_tokens(model),
             **sampling,
         )
-        # A decoder-only model returns prompt + completion; an encoder-decoder returns the decoder's output only.
-        for row in out if is_encoder_decoder(model) else out[:, ids.size(1) :]:
+        # Given input ids, a decoder-only model returns them + the completion; otherwise only the new tokens.
+        given = inputs["input_ids"].size(1) if "input_ids" in inputs and not is_encoder_decoder(model) else 0
+        for row in out[:, given:]:
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
 

@@ -750,6 +750,7 @@ def test_gradient_checkpointing_trains(trained, case: str):
 @pytest.mark.parametrize(
     "method",
     [
+        {"name": "prefix", "num_virtual_tokens": 4},
         {"name": "prompt", "num_virtual_tokens": 4},
         {"name": "p-tuning", "num_virtual_tokens": 4},
         {"name": "lora", "r": 4},
@@ -769,8 +770,9 @@ def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_to
                 p.add_(torch.randn_like(p))  # virtual tokens that matter to every next-token choice
     model.eval()
     prompts = [tokenizer("3 July 1999 ->")["input_ids"], tokenizer("a longer prompt, 24 Nov 1968 ->")["input_ids"]]
-    # One prompt per batch: left padding would move the prompt away from the virtual tokens in front of it.
-    generated = generate_texts(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
+    one_by_one = generate_texts(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
+    # Batched, the shorter prompt is left-padded: the pads sit between the virtual tokens and the prompt.
+    batched = generate_texts(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
     expected = []
     for prompt in prompts:
         ids = list(prompt)
@@ -782,4 +784,5 @@ def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_to
                 break
             ids.append(next_id)
         expected.append(tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True).strip())
-    assert generated == expected
+    assert one_by_one == expected
+    assert batched == expected
