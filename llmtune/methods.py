@@ -29,6 +29,7 @@ from llmtune.recipe import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # peft's task type for each kind of model (llmtune.models.AUTO_CLASSES): it decides which head peft keeps
@@ -82,6 +83,7 @@ def build_ia3(spec: IA3Spec, model: PreTrainedModel, tokenizer=None, task_type: 
 def build_prefix(
     spec: PrefixSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
 ) -> PreTrainedModel:
+    import torch
     from peft import PrefixTuningConfig
 
     config = PrefixTuningConfig(
@@ -90,7 +92,51 @@ def build_prefix(
         encoder_hidden_size=spec.projection_hidden_size,
         task_type=task_type,
     )
-    return _peft(model, config)
+    init = spec.init or ("random" if spec.projection or task_type != "CAUSAL_LM" else "vocab")
+    if init == "random":
+        return _peft(model, config)
+    if task_type != "CAUSAL_LM":
+        raise LLMTuneError(f"method.init: {init} needs a causal language model; use method.init: random")
+    if init == "text":
+        ids = _init_text_ids(spec, tokenizer)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(model.config.vocab_size, (spec.num_virtual_tokens,), generator=generator).tolist()
+    prefix = _keys_and_values(model, ids)
+    peft_model = _peft(model, config)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(prefix)
+    return peft_model
+
+
+def _keys_and_values(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    """The model's own cached keys and values for `ids`, one row per position, in peft's prefix layout.
+
+    Li & Liang (2021) found prefixes started from real tokens' activations train far better than random ones;
+    peft's N(0, 1) init puts keys and values well off the scale of the model's own, so at step 0 the prefix
+    dominates attention and the loss starts far above the base model's.
+    """
+    import torch
+
+    training = model.training
+    model.eval()  # no dropout in the activations we keep
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    model.train(training)
+    # peft reads row p as (2 * layers, kv heads, head dim): layer l's key at 2l, its value at 2l + 1.
+    per_layer = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]
+    return torch.stack(per_layer).permute(2, 0, 1, 3).reshape(len(ids), -1)
+
+
+def _init_text_ids(spec: PrefixSpec | PromptSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """init_text's token ids, repeated to fill every virtual token as peft does."""
+    ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"]
+    if len(ids) > spec.num_virtual_tokens:
+        raise LLMTuneError(
+            f"method.init_text is {len(ids)} tokens but method.num_virtual_tokens is "
+            f"{spec.num_virtual_tokens}; shorten the text or raise num_virtual_tokens"
+        )
+    return (ids * math.ceil(spec.num_virtual_tokens / len(ids)))[: spec.num_virtual_tokens]
 
 
 def build_prompt(
@@ -99,19 +145,10 @@ def build_prompt(
     import torch
     from peft import PromptTuningConfig
 
-    init_ids = None
-    if spec.init == "text":
-        init_ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"]
-        if len(init_ids) > spec.num_virtual_tokens:
-            raise LLMTuneError(
-                f"method.init_text is {len(init_ids)} tokens but method.num_virtual_tokens is "
-                f"{spec.num_virtual_tokens}; shorten the text or raise num_virtual_tokens"
-            )
+    ids = _init_text_ids(spec, tokenizer) if spec.init == "text" else None
     peft_model = _peft(model, PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type))
-    if init_ids:
+    if ids:
         # peft's own text init reloads the tokenizer by hub name; this works for any tokenizer we loaded.
-        # The text is repeated to fill every virtual token, as peft does.
-        ids = (init_ids * math.ceil(spec.num_virtual_tokens / len(init_ids)))[: spec.num_virtual_tokens]
         with torch.no_grad():
             vectors = model.get_input_embeddings()(torch.tensor(ids)).detach().clone()
             peft_model.prompt_encoder["default"].embedding.weight.copy_(vectors)

@@ -77,6 +77,26 @@ class PrefixSpec(_Spec):
     num_virtual_tokens: int = Field(20, gt=0, description="trained key/value positions prepended in every layer")
     projection: bool = Field(False, description="produce prefixes through an MLP: more stable, more parameters")
     projection_hidden_size: int = Field(128, gt=0, description="hidden size of that MLP")
+    init: Literal["random", "vocab", "text"] | None = Field(
+        None,
+        description="'vocab': the model's own keys/values for tokens sampled from the vocabulary; 'text': for "
+        "init_text; 'random': peft's N(0, 1) vectors, which swamp attention at first. Default: vocab for a "
+        "causal LM without projection, otherwise random",
+    )
+    init_text: str | None = Field(None, description="e.g. 'Convert the date to ISO format:'")
+
+    @model_validator(mode="after")
+    def _activation_init(self) -> PrefixSpec:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init: text needs init_text")
+        if self.init != "text" and self.init_text:
+            raise ValueError("init_text is only used with init: text")
+        if self.projection and self.init in ("vocab", "text"):
+            raise ValueError(
+                f"init: {self.init} sets the prefixes themselves, but with projection: true an MLP produces them; "
+                "use init: random or projection: false"
+            )
+        return self
 
 
 class PromptSpec(_Spec):

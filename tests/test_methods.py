@@ -333,7 +333,13 @@ RECIPE_ERRORS = [
     pytest.param({"name": "ia3", "r": 4}, {}, ["method.r", "lora", "ia3"], id="ia3-given-r"),
     pytest.param({"name": "bitfit", "last_k": 2}, {}, ["last_k", "layers"], id="bitfit-given-last_k"),
     pytest.param({"name": "lora", "num_virtual_tokens": 4}, {}, ["num_virtual_tokens", "prompt"], id="lora-given-nvt"),
-    pytest.param({"name": "prefix", "init_text": "x"}, {}, ["init_text", "prompt"], id="prefix-given-init_text"),
+    pytest.param({"name": "prefix", "init_text": "x"}, {}, ["init_text", "init: text"], id="prefix-init_text-not-text"),
+    pytest.param(
+        {"name": "prefix", "projection": True, "init": "vocab"},
+        {},
+        ["init: vocab", "projection"],
+        id="prefix-activation-init-with-projection",
+    ),
     pytest.param(
         {"name": "prefix"},
         {"gradient_checkpointing": True},
@@ -412,6 +418,12 @@ BUILDER_ERRORS = [
         {"name": "prompt", "init": "text", "init_text": "far too long a text", "num_virtual_tokens": 4},
         ["init_text", "num_virtual_tokens", "4"],
         id="prompt-init_text-longer-than-virtual-tokens",
+    ),
+    pytest.param(
+        LLAMA,
+        {"name": "prefix", "init": "text", "init_text": "far too long a text", "num_virtual_tokens": 4},
+        ["init_text", "num_virtual_tokens", "4"],
+        id="prefix-init_text-longer-than-virtual-tokens",
     ),
     pytest.param(LLAMA, {"name": "bitfit"}, ["bitfit", "bias", "GPT-2"], id="bitfit-on-bias-free-llama"),
     pytest.param(
@@ -786,3 +798,40 @@ def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_to
         expected.append(tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True).strip())
     assert one_by_one == expected
     assert batched == expected
+
+
+@pytest.mark.parametrize("ref", ["tiny:llama", "tiny:gpt2"])
+def test_prefix_from_text_equals_the_base_model_reading_that_text_first(ref, one_torch_thread):
+    """init: text stores the model's own keys and values for the text, in the layout peft reads them back."""
+    tokenizer = load_tokenizer(ref)
+    text = "Dates, please:"
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    spec = TypeAdapter(MethodSpec).validate_python(
+        {"name": "prefix", "num_virtual_tokens": n, "init": "text", "init_text": text}
+    )
+    model = METHODS["prefix"](spec, load_model(ref), tokenizer).eval()
+    ids = tokenizer("3 July 1999 -> 1999-07-03")["input_ids"]
+    prefix = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        tuned = model(input_ids=torch.tensor([ids])).logits[0]
+        with model.disable_adapter():
+            reading_it = model(input_ids=torch.tensor([prefix + ids])).logits[0, n:]
+            without = model(input_ids=torch.tensor([ids])).logits[0]
+    assert torch.allclose(tuned, reading_it, atol=1e-5)
+    assert (tuned - without).abs().max() > 1e-2  # the prefix is really there
+
+
+def test_prefix_defaults_to_activations_of_vocabulary_tokens(one_torch_thread):
+    """The default prefix is keys/values the model itself produced, on the scale of its own, not N(0, 1)."""
+    tokenizer = load_tokenizer("tiny:llama")
+    default, random_init = (
+        METHODS["prefix"](TypeAdapter(MethodSpec).validate_python(m), load_model("tiny:llama"), tokenizer)
+        for m in ({"name": "prefix"}, {"name": "prefix", "init": "random"})
+    )
+    ids = torch.tensor([tokenizer("3 July 1999 -> 1999-07-03")["input_ids"]])
+    with torch.no_grad():
+        cache = default.get_base_model()(input_ids=ids, use_cache=True).past_key_values
+        own_scale = torch.cat([layer.keys.flatten() for layer in cache.layers]).std()
+        weights = [m.prompt_encoder["default"].embedding.weight for m in (default, random_init)]
+    assert 0.2 < weights[0].std() / own_scale < 5
+    assert weights[1].std() > 0.9  # peft's N(0, 1)
