@@ -18,7 +18,7 @@ from transformers import Trainer
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.loss import TargetedLoss
-from llmtune.precision import recast_frozen_linears
+from llmtune.precision import compact_dropouts, recast_frozen_linears
 from llmtune.recipe import Recipe
 from llmtune.training import guarded, use_bf16
 
@@ -139,6 +139,8 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
     # Sharding engines own the weights outside the forward pass, so layers keep their own forward there.
     if args.bf16 and t.recast_frozen and not (t.fsdp or t.deepspeed):
         recast_frozen_linears(model)
+    if t.compact_dropout and not torch.cuda.is_available():  # CUDA's fused dropout already keeps a boolean mask
+        compact_dropouts(model)
     if recipe.method.name == "qlora":
         # TRL casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute dtype so
         # the adapter trains and saves at the precision the run directory promises.

@@ -448,6 +448,11 @@ class TrainingSpec(_Spec):
         "keeping a bfloat16 copy of each from forward: less memory by the frozen weights' bf16 size, a few "
         "percent more time",
     )
+    compact_dropout: bool = Field(
+        True,
+        description="dropout keeps its mask for backward as booleans, not as a noise tensor of the input's dtype "
+        "(on CPU, a float32 copy of every LoRA input); the same mask and numbers",
+    )
     fused_loss: bool = Field(
         True,
         description="apply the output head only at loss-bearing positions, a chunk at a time, with its gradient "

@@ -264,3 +264,44 @@ def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(re
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"]).logits
     assert logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_compact_dropout_draws_the_same_masks_and_keeps_them_as_booleans(autocast, one_torch_thread):
+    from llmtune.precision import compact_dropouts
+
+    # LoRA's dropout on every targeted input, and GPT-2's own attention and residual dropout.
+    model, tokenizer = _perturbed_model("tiny:gpt2", {"name": "lora", "r": 4, "dropout": 0.3})
+    model.train()
+    batch = _batch(tokenizer)
+    dropouts = [m for m in model.modules() if type(m) is torch.nn.Dropout and m.p > 0]
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for m in dropouts]
+
+    def run():
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, saved = _saved_bytes_outside_parameters(model, lambda: _plain_loss(model, batch))
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, saved, grads = run()
+    for hook in hooks:
+        hook.remove()
+    noise_bytes = sum(x.numel() * (x.element_size() - 1) for x in inputs if x.requires_grad)
+    assert compact_dropouts(model) == len(dropouts) > 0
+    compact_loss, compact_saved, compact_grads = run()
+    # The same random stream drawn into the same masks: bit-identical loss and gradients.
+    assert compact_loss == loss
+    for name, grad in grads.items():
+        assert torch.equal(compact_grads[name], grad), name
+    # Each mask kept as one byte per element instead of a noise tensor of the input's dtype.
+    assert saved - compact_saved == noise_bytes > 0
+    # Evaluation draws nothing.
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+        )
