@@ -108,7 +108,10 @@ def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
 
 @contextlib.contextmanager
 def _base_of(model: PreTrainedModel, recipe: Recipe):
-    if hasattr(model, "disable_adapter"):
+    if _prompt_learning_config(model) is not None:
+        # Virtual tokens leave the base model's weights as they were.
+        yield model.get_base_model()
+    elif hasattr(model, "disable_adapter"):
         # The base is the same weights with the adapter switched off: no second copy in memory.
         with model.disable_adapter():
             yield model
@@ -337,6 +340,12 @@ def teacher_kl(
     return total / max(count, 1)
 
 
+def _prompt_learning_config(model: PreTrainedModel):
+    """The peft config of prefix, prompt or p-tuning, or None for any other model."""
+    config = getattr(model, "active_peft_config", None)
+    return config if config is not None and config.is_prompt_learning else None
+
+
 def _generation_inputs(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor) -> tuple[PreTrainedModel, dict]:
     """The model to call `generate` on, and its inputs.
 
@@ -346,8 +355,8 @@ def _generation_inputs(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Te
     too, so generate numbers positions from it exactly as training did: virtual tokens first, then the prompt,
     left padding masked and skipped.
     """
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not config.is_prompt_learning:
+    config = _prompt_learning_config(model)
+    if config is None:
         return model, {"input_ids": ids, "attention_mask": attn}
     virtual = torch.ones(ids.size(0), config.num_virtual_tokens, dtype=attn.dtype)
     attention_mask = torch.cat([virtual, attn], dim=1)

@@ -835,3 +835,24 @@ def test_prefix_defaults_to_activations_of_vocabulary_tokens(one_torch_thread):
         weights = [m.prompt_encoder["default"].embedding.weight for m in (default, random_init)]
     assert 0.2 < weights[0].std() / own_scale < 5
     assert weights[1].std() > 0.9  # peft's N(0, 1)
+
+
+@pytest.mark.parametrize(
+    "method", [{"name": "prefix"}, {"name": "prompt"}, {"name": "p-tuning"}], ids=lambda m: m["name"]
+)
+def test_compare_base_of_virtual_tokens_is_the_untouched_base(method, one_torch_thread):
+    from llmtune.evaluation import _base_of, generate_texts
+
+    tokenizer = load_tokenizer("tiny:llama")
+    torch.manual_seed(0)
+    spec = TypeAdapter(MethodSpec).validate_python(method)
+    model = METHODS[spec.name](spec, load_model("tiny:llama"), tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    prompts = [tokenizer("3 July 1999 ->")["input_ids"], tokenizer("24 Nov 1968 ->")["input_ids"]]
+    base = generate_texts(load_model("tiny:llama"), tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    with _base_of(model, None) as shown_as_base:
+        assert generate_texts(shown_as_base, tokenizer, prompts, max_new_tokens=6, batch_size=2) == base
+    assert generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2) != base
