@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 MODEL = "builtin:smollm2-135m-instruct"
 # Settings shared by both sides; the quickstart recipe has the same ones.
-BATCH_SIZE, LEARNING_RATE, WARMUP, SEED, MAX_LENGTH = 8, 1.0e-3, 5, 0, 512
+BATCH_SIZE, LEARNING_RATE, WARMUP, MAX_LENGTH = 8, 1.0e-3, 5, 512
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 
 
@@ -141,7 +141,7 @@ def held_out_loss(model, tokenizer, eval_path: Path) -> float:
     return nll / count
 
 
-def run_baseline(train: Path, eval_path: Path, steps: int, workdir: Path, overrides: list[str]) -> dict:
+def run_baseline(train: Path, eval_path: Path, steps: int, seed: int, workdir: Path, overrides: list[str]) -> dict:
     del overrides  # recipe overrides are for the llmtune side; the baseline is the plain script as written
     from datasets import Dataset
     from peft import LoraConfig
@@ -162,8 +162,8 @@ def run_baseline(train: Path, eval_path: Path, steps: int, workdir: Path, overri
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="linear",
         warmup_steps=WARMUP,
-        seed=SEED,
-        data_seed=SEED,
+        seed=seed,
+        data_seed=seed,
         max_length=MAX_LENGTH,
         bf16=False,  # the plain script in float32, as the baseline
         logging_steps=5,
@@ -195,7 +195,7 @@ def run_baseline(train: Path, eval_path: Path, steps: int, workdir: Path, overri
     }
 
 
-def run_llmtune(train: Path, eval_path: Path, steps: int, workdir: Path, overrides: list[str]) -> dict:
+def run_llmtune(train: Path, eval_path: Path, steps: int, seed: int, workdir: Path, overrides: list[str]) -> dict:
     from llmtune.models import load_tuned
     from llmtune.run import finetune
 
@@ -205,6 +205,7 @@ def run_llmtune(train: Path, eval_path: Path, steps: int, workdir: Path, overrid
         f"data.eval={eval_path}",
         f"data.max_length={MAX_LENGTH}",
         f"training.max_steps={steps}",
+        f"training.seed={seed}",
         "training.save_steps=null",
         "training.logging_steps=5",
         f"output.dir={workdir / 'llmtune'}",
@@ -223,7 +224,8 @@ def run_llmtune(train: Path, eval_path: Path, steps: int, workdir: Path, overrid
 
 def _lever_settings(result) -> dict:
     t = result.run.recipe().training
-    return {"bf16": t.bf16, "fused_loss": t.fused_loss, "group_by_length": t.group_by_length}
+    levers = ("bf16", "recast_frozen", "full_precision_outputs", "compact_dropout", "fused_loss", "group_by_length")
+    return {name: getattr(t, name) for name in levers}
 
 
 CHILDREN = {"baseline": run_baseline, "llmtune": run_llmtune}
@@ -232,12 +234,12 @@ CHILDREN = {"baseline": run_baseline, "llmtune": run_llmtune}
 def child_main(args: argparse.Namespace) -> None:
     import torch
 
-    torch.manual_seed(SEED)
-    report = CHILDREN[args.child](args.train, args.eval, args.steps, args.workdir, args.set)
+    torch.manual_seed(args.seed)
+    report = CHILDREN[args.child](args.train, args.eval, args.steps, args.seed, args.workdir, args.set)
     args.result.write_text(json.dumps(report), encoding="utf-8")
 
 
-def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path, overrides: list[str]) -> dict:
+def spawn(side: str, train: Path, eval_path: Path, steps: int, seed: int, workdir: Path, overrides: list[str]) -> dict:
     result = workdir / f"{side}.json"
     command = [
         sys.executable,
@@ -250,6 +252,8 @@ def spawn(side: str, train: Path, eval_path: Path, steps: int, workdir: Path, ov
         str(eval_path),
         "--steps",
         str(steps),
+        "--seed",
+        str(seed),
         "--workdir",
         str(workdir),
         "--result",
@@ -313,6 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side and workload")
     parser.add_argument("--workloads", nargs="*", default=["quickstart", "mixed"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of both sides: initialisation, dropout, row order")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--set",
@@ -320,6 +325,13 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="recipe override for the llmtune side, e.g. training.bf16=false to measure one lever without the others",
+    )
+    parser.add_argument(
+        "--sides",
+        nargs="*",
+        choices=CHILDREN,
+        default=list(CHILDREN),
+        help="which sides to run; the ratios need both (llmtune alone measures a lever against a previous run)",
     )
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
@@ -342,6 +354,7 @@ def main() -> None:
         "settings": {
             "model": MODEL,
             "steps": args.steps,
+            "seed": args.seed,
             "batch_size": BATCH_SIZE,
             "learning_rate": LEARNING_RATE,
             "lora": LORA,
@@ -355,20 +368,23 @@ def main() -> None:
             workdir = Path(tmp) / name
             workdir.mkdir()
             train, eval_path = write_workload(name, workdir)
-            sides = {side: spawn(side, train, eval_path, args.steps, workdir, args.set) for side in CHILDREN}
+            sides = {
+                side: spawn(side, train, eval_path, args.steps, args.seed, workdir, args.set) for side in args.sides
+            }
             for report in sides.values():
                 achieved = model_flops(report) / report["train_seconds"] / 1e9
                 report["model_gflops_per_s"] = round(achieved, 1)
                 report["mfu_vs_bf16_peak"] = round(achieved / peaks["bfloat16"], 3)
                 report["mfu_vs_fp32_peak"] = round(achieved / peaks["float32"], 3)
-            fast, base = sides["llmtune"], sides["baseline"]
-            sides["ratio_llmtune_over_baseline"] = {
-                "trained_tokens_per_s": round(fast["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2),
-                "training_peak_rss": round(fast["training_peak_rss_mib"] / base["training_peak_rss_mib"], 2),
-                "eval_loss": round(fast["eval_loss"] / base["eval_loss"], 4),
-            }
+            if len(sides) == len(CHILDREN):
+                fast, base = sides["llmtune"], sides["baseline"]
+                sides["ratio_llmtune_over_baseline"] = {
+                    "trained_tokens_per_s": round(fast["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2),
+                    "training_peak_rss": round(fast["training_peak_rss_mib"] / base["training_peak_rss_mib"], 2),
+                    "eval_loss": round(fast["eval_loss"] / base["eval_loss"], 4),
+                }
             results["workloads"][name] = sides
-            print(json.dumps({name: sides["ratio_llmtune_over_baseline"]}), flush=True)
+            print(json.dumps({name: sides.get("ratio_llmtune_over_baseline", sides)}), flush=True)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -18,7 +18,7 @@ from transformers import Trainer
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.loss import TargetedLoss
-from llmtune.precision import compact_dropouts, recast_frozen_linears
+from llmtune.precision import compact_dropouts, route_frozen_linears
 from llmtune.recipe import Recipe
 from llmtune.training import guarded, use_bf16
 
@@ -137,8 +137,8 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
     _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
     t = recipe.training
     # Sharding engines own the weights outside the forward pass, so layers keep their own forward there.
-    if args.bf16 and t.recast_frozen and not (t.fsdp or t.deepspeed):
-        recast_frozen_linears(model)
+    if args.bf16 and (t.recast_frozen or t.full_precision_outputs) and not (t.fsdp or t.deepspeed):
+        route_frozen_linears(model, recast=t.recast_frozen, full_precision_outputs=t.full_precision_outputs)
     if t.compact_dropout and not torch.cuda.is_available():  # CUDA's fused dropout already keeps a boolean mask
         compact_dropouts(model)
     if recipe.method.name == "qlora":

@@ -1,11 +1,13 @@
-"""Less memory held for backward, with the same numbers: frozen linear layers and dropout.
+"""Frozen linear layers and dropout under mixed precision: less memory held for backward, and adapters' small
+updates kept at full precision.
 
 Frozen linear layers: autocast casts a float32 weight to bf16 for every matmul. For a frozen weight autograd
 then keeps that bf16 copy until backward, where it computes the input's gradient from it: one copy of every
 frozen weight per step (SmolLM2-135M: about 210 MB), more than an adapter run would otherwise hold beside
-the float32 model. `recast_frozen_linears` makes each frozen `nn.Linear` keep a reference to its own float32
+the float32 model. `route_frozen_linears` makes each frozen `nn.Linear` keep a reference to its own float32
 weight instead and cast it again in backward: the same bf16 products, a few percent more time, that much less
-memory.
+memory. It also hands the bf16 product back in float32, so an adapter's delta is added to it at full precision
+(see `route_frozen_linears`).
 
 Dropout on the CPU multiplies its input by a noise tensor of the input's own dtype and keeps that tensor for
 backward: with LoRA's dropout on every targeted module's input, a float32 copy of the hidden states per
@@ -15,6 +17,7 @@ same random stream but keeps it as booleans, a quarter of that, and gives bit-id
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -22,25 +25,41 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def recast_frozen_linears(model: nn.Module) -> int:
-    """Route every frozen `nn.Linear` of `model` through `_FrozenLinear`; returns how many were routed."""
+def route_frozen_linears(model: nn.Module, recast: bool = True, full_precision_outputs: bool = True) -> int:
+    """Route every frozen `nn.Linear` of `model` through `_frozen_linear_forward`; returns how many were routed.
+
+    Args:
+        recast: keep the weight's own reference for backward and cast it again there (`_FrozenLinear`), instead
+            of autograd keeping autocast's bf16 copy.
+        full_precision_outputs: hand the bf16 product back in the weight's dtype. An adapter adds a small delta
+            to a frozen layer's output; summed in bf16 (8 bits of mantissa) most of that delta is rounded away
+            early in training, and the adapter learns from a forward pass that barely reflects it.
+    """
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and not module.weight.requires_grad:
-            module.forward = types.MethodType(_frozen_linear_forward, module)
+            module.forward = functools.partial(_frozen_linear_forward, module, recast, full_precision_outputs)
             count += 1
     return count
 
 
-def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _frozen_linear_forward(
+    self: nn.Linear, recast: bool, full_precision_outputs: bool, x: torch.Tensor
+) -> torch.Tensor:
     device = x.device.type
-    # Without autocast there is no copy to save; without a gradient to pass on, autograd keeps nothing.
-    if self.weight.requires_grad or not (torch.is_autocast_enabled(device) and x.requires_grad):
+    if self.weight.requires_grad or not torch.is_autocast_enabled(device):
         return F.linear(x, self.weight, self.bias)
     dtype = torch.get_autocast_dtype(device)
-    if self.bias is not None and self.bias.requires_grad:  # BitFit: the bias trains, the weight does not
-        return _FrozenLinear.apply(x, self.weight, None, dtype) + self.bias.to(dtype)
-    return _FrozenLinear.apply(x, self.weight, self.bias, dtype)
+    trained_bias = self.bias is not None and self.bias.requires_grad  # BitFit: the bias trains, the weight does not
+    bias = None if trained_bias else self.bias
+    # Without a gradient to pass on, autograd keeps nothing, and autocast's own product is the same.
+    out = (
+        _FrozenLinear.apply(x, self.weight, bias, dtype)
+        if recast and x.requires_grad
+        else F.linear(x, self.weight, bias)
+    )
+    out = out.to(self.weight.dtype if full_precision_outputs else dtype)
+    return out + self.bias.to(out.dtype) if trained_bias else out
 
 
 class _FrozenLinear(torch.autograd.Function):

@@ -448,6 +448,12 @@ class TrainingSpec(_Spec):
         "keeping a bfloat16 copy of each from forward: less memory by the frozen weights' bf16 size, a few "
         "percent more time",
     )
+    full_precision_outputs: bool = Field(
+        True,
+        description="under bf16 autocast, frozen linear layers return their bf16 product in training.dtype, so an "
+        "adapter's small delta is added at full precision instead of being rounded away by a bf16 sum (measured: "
+        "held-out loss 3.8% above the float32 baseline's without it, 0.3% with it)",
+    )
     compact_dropout: bool = Field(
         True,
         description="dropout keeps its mask for backward as booleans, not as a noise tensor of the input's dtype "
@@ -459,9 +465,10 @@ class TrainingSpec(_Spec):
         "computed in the same pass: the logits of prompt and padding tokens are never made",
     )
     group_by_length: bool = Field(
-        True,
+        False,
         description="draw batches of rows of similar length (sorted within random groups of up to 50 batches): "
-        "less padding",
+        "less padding, but each step then weighs short and long rows differently (measured: held-out loss 9-12% "
+        "worse after 20 steps on rows of 50-512 tokens), so off by default",
     )
     gradient_checkpointing: bool = False
     save_steps: int | None = Field(

@@ -226,7 +226,7 @@ def _saved_bytes_outside_parameters(model, fn) -> tuple[float, int]:
     ids=["lora", "bitfit"],
 )
 def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(ref, method, one_torch_thread):
-    from llmtune.precision import recast_frozen_linears
+    from llmtune.precision import route_frozen_linears
 
     model, tokenizer = _perturbed_model(ref, method)
     batch = _batch(tokenizer)
@@ -252,7 +252,7 @@ def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(re
     for hook in hooks:
         hook.remove()
     bf16_copies = sum(m.weight.numel() * 2 for m in needs_grad)
-    assert recast_frozen_linears(model) == len(frozen) > 0
+    assert route_frozen_linears(model, recast=True, full_precision_outputs=False) == len(frozen) > 0
     recast_loss, recast_saved, recast_grads = run()
     # The same bf16 products in forward and backward: the same loss and gradients.
     assert recast_loss == pytest.approx(loss, rel=1e-6)
@@ -305,3 +305,30 @@ def test_compact_dropout_draws_the_same_masks_and_keeps_them_as_booleans(autocas
             model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
             model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
         )
+
+
+def test_full_precision_outputs_keep_a_small_adapter_delta_that_a_bf16_sum_rounds_away(one_torch_thread):
+    from llmtune.precision import route_frozen_linears
+
+    model, tokenizer = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0})
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(64, layer.in_features, requires_grad=True)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(1e-4)  # an adapter early in training: a delta far below 1% of the output
+
+    def delta():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with_adapter = layer(x)
+            with model.disable_adapter():
+                without = layer(x)
+        return (with_adapter - without).float()
+
+    exact = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    rounded = delta()
+    route_frozen_linears(model)
+    kept = delta()
+    assert kept.dtype == torch.float32
+    # In a bf16 sum most of the delta vanishes or snaps to a rounding step of the much larger output.
+    assert (rounded - exact).abs().mean() > 0.8 * exact.abs().mean()
+    # Added in float32, only the delta's own bf16 product error is left.
+    assert (kept - exact).abs().mean() < 0.02 * exact.abs().mean()
