@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,7 +364,9 @@ def _generation_inputs(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Te
     if config.peft_type == "PREFIX_TUNING":
         # The prefix is a pre-filled KV cache; generate skips the input ids it covers, so any id stands in for them.
         stand_ins = torch.full_like(virtual, ids[0, -1].item())
-        inputs = {"input_ids": torch.cat([stand_ins, ids], dim=1), "cache": model.get_prompt(batch_size=ids.size(0))}
+        # Transformers renamed `past_key_values` to `cache` during 5.x.
+        key = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
+        inputs = {"input_ids": torch.cat([stand_ins, ids], dim=1), key: model.get_prompt(batch_size=ids.size(0))}
     else:
         prompts = model.get_prompt(batch_size=ids.size(0))
         embeds = model.get_input_embeddings()(ids)
