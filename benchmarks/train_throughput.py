@@ -103,8 +103,11 @@ class StepMeter:
             labels = inputs["labels"]
             meter.loss_tokens += int((labels[:, 1:] != -100).sum())
             meter.padded_tokens += labels.numel()
-            mask = inputs.get("attention_mask")
-            real = mask.sum(1).tolist() if mask is not None else [labels.size(1)] * labels.size(0)
+            mask, bounds = inputs.get("attention_mask"), inputs.get("cu_seq_lens_q")
+            if bounds is not None:  # a padding-free batch: its rows end to end in one sequence
+                real = bounds.diff().tolist()
+            else:
+                real = mask.sum(1).tolist() if mask is not None else [labels.size(1)] * labels.size(0)
             meter.tokens += int(sum(real))
             meter.lengths += [int(x) for x in real]
             meter.micro_steps += 1
@@ -224,8 +227,16 @@ def run_llmtune(train: Path, eval_path: Path, steps: int, seed: int, workdir: Pa
 
 def _lever_settings(result) -> dict:
     t = result.run.recipe().training
-    levers = ("bf16", "recast_frozen", "full_precision_outputs", "compact_dropout", "fused_loss", "group_by_length")
-    return {name: getattr(t, name) for name in levers}
+    levers = (
+        "bf16",
+        "recast_frozen",
+        "full_precision_outputs",
+        "compact_dropout",
+        "cpu_float32_attention",
+        "fused_loss",
+        "group_by_length",
+    )
+    return {"padding_free": result.run.recipe().data.padding_free, **{name: getattr(t, name) for name in levers}}
 
 
 CHILDREN = {"baseline": run_baseline, "llmtune": run_llmtune}

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer
 
+from llmtune.attention import attends_per_row, use_segmented_attention
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.loss import TargetedLoss
 from llmtune.precision import compact_dropouts, route_frozen_linears
-from llmtune.recipe import Recipe
+from llmtune.recipe import PROMPT_LEARNING_METHODS, Recipe
 from llmtune.training import guarded, use_bf16
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ def build_sft(
         max_length=recipe.data.max_length if recipe.data.packing else None,
         packing=recipe.data.packing,
         packing_strategy="bfd",
+        padding_free=_padding_free(recipe, model),
         eval_packing=False,
         # A pack is one row already; grouping packs by length would only reorder them.
         train_sampling_strategy="group_by_length" if t.group_by_length and not recipe.data.packing else "random",
@@ -115,6 +117,14 @@ def build_sft(
     if t.fused_loss and not (t.fsdp or t.deepspeed) and model.get_output_embeddings() is not None:
         trainer.llmtune_loss = TargetedLoss(model)
     return trainer
+
+
+def _padding_free(recipe: Recipe, model: PreTrainedModel) -> bool:
+    """data.padding_free resolved: 'auto' is on where each row attends on its own (see attention.py); through
+    another attention implementation transformers masks the whole flattened batch, correct but quadratic in it."""
+    if recipe.data.padding_free != "auto":
+        return recipe.data.padding_free
+    return recipe.method.name not in PROMPT_LEARNING_METHODS and attends_per_row(model)
 
 
 def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, **extra) -> Trainer:
@@ -141,6 +151,8 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
         route_frozen_linears(model, recast=t.recast_frozen, full_precision_outputs=t.full_precision_outputs)
     if t.compact_dropout and not torch.cuda.is_available():  # CUDA's fused dropout already keeps a boolean mask
         compact_dropouts(model)
+    # CUDA's bf16 attention kernels are the fast ones.
+    use_segmented_attention(model, float32=args.bf16 and t.cpu_float32_attention and not torch.cuda.is_available())
     if recipe.method.name == "qlora":
         # TRL casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute dtype so
         # the adapter trains and saves at the precision the run directory promises.

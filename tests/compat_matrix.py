@@ -18,6 +18,7 @@ FEATURES: dict[str, str] = {
     "sft": "SFT",
     "grad_ckpt": "gradient checkpointing",
     "packing": "packing",
+    "padding_free": "padding-free batches",
     "qlora_base": "QLoRA base",
     "merge": "merge",
     "distributed": "distributed",
@@ -38,6 +39,10 @@ _NONLINEAR = (
     "and says to serve the run directory with `generate` / `eval`, which re-insert the adapters"
 )
 _PACK = "virtual tokens go in front of each sequence: in a pack only the first row would get them"
+_FLAT = (
+    "virtual tokens go in front of each sequence: rows end to end would share one set; "
+    "`padding_free: auto` pads these rows"
+)
 _PREFIX_GC = "prefixes reach the layers through the key/value cache, which gradient checkpointing switches off"
 _DEQUANT = "the 4-bit base is dequantized to the compute dtype, then merged"
 _BIASES = "on tiny:gpt2 (Llama has no biases)"
@@ -58,11 +63,22 @@ MATRIX: dict[str, dict[str, tuple[str, str]]] = {
     "prefix": _row(
         grad_ckpt=(REFUSED, _PREFIX_GC),
         packing=(REFUSED, _PACK),
+        padding_free=(REFUSED, _FLAT),
         qlora_base=(NA, _QUANT_ADAPTER),
         merge=(REFUSED, _NO_MERGE),
     ),
-    "prompt": _row(packing=(REFUSED, _PACK), qlora_base=(NA, _QUANT_ADAPTER), merge=(REFUSED, _NO_MERGE)),
-    "p-tuning": _row(packing=(REFUSED, _PACK), qlora_base=(NA, _QUANT_ADAPTER), merge=(REFUSED, _NO_MERGE)),
+    "prompt": _row(
+        packing=(REFUSED, _PACK),
+        padding_free=(REFUSED, _FLAT),
+        qlora_base=(NA, _QUANT_ADAPTER),
+        merge=(REFUSED, _NO_MERGE),
+    ),
+    "p-tuning": _row(
+        packing=(REFUSED, _PACK),
+        padding_free=(REFUSED, _FLAT),
+        qlora_base=(NA, _QUANT_ADAPTER),
+        merge=(REFUSED, _NO_MERGE),
+    ),
     "adapter": _row(qlora_base=(NA, _QUANT_ADAPTER), merge=(REFUSED, _NONLINEAR)),
     "bitfit": _row(sft=(TESTED, _BIASES), qlora_base=(NA, _QUANT_OWN), merge=(NA, _STANDALONE)),
     "head": _row(sft=(TESTED, _TIED), qlora_base=(NA, _QUANT_OWN), merge=(NA, _STANDALONE)),

@@ -54,8 +54,13 @@ FEATURE_SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "sft": {},
     "grad_ckpt": {"training": {"gradient_checkpointing": True}},
     "packing": {"data": {"packing": True}},
+    "padding_free": {"data": {"padding_free": True}},
 }
-FEATURE_KEYS = {"grad_ckpt": "training.gradient_checkpointing", "packing": "data.packing"}
+FEATURE_KEYS = {
+    "grad_ckpt": "training.gradient_checkpointing",
+    "packing": "data.packing",
+    "padding_free": "data.padding_free",
+}
 QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
 # The tiny models train much faster on one thread on a busy two-core machine.
@@ -133,6 +138,7 @@ class Trained:
     unmoved: list[str]  # of those, the ones training left exactly as they were
     gradient_checkpointing: bool  # some module had checkpointing switched on during training
     train_rows: int  # rows of the dataset the trainer drew batches from (fewer than ROWS once packed)
+    flat_batches: bool  # the trainer's batches put rows end to end: one sequence, no attention mask
     quantized_layers: int  # bitsandbytes layers in the trained model
 
 
@@ -153,6 +159,8 @@ def _watch(build: Callable, seen: dict[str, Any]) -> Callable:
                 getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
             )
             seen["train_rows"] = len(trainer.train_dataset)
+            batch = next(iter(trainer.get_train_dataloader()))
+            seen["flat_batches"] = "attention_mask" not in batch and batch["input_ids"].size(0) == 1
             seen["quantized_layers"] = quantized_layers(model)
             return result
 
@@ -362,6 +370,14 @@ def prove_packing(trained, tmp_path: Path, method: str) -> None:
     assert t.train_rows < ROWS, f"data.packing: the trainer still drew from {t.train_rows} unpacked rows"
 
 
+def prove_padding_free(trained, tmp_path: Path, method: str) -> None:
+    t = trained(method, "padding_free")
+    check_trained(t)
+    assert t.flat_batches, "data.padding_free: the trainer still padded its batches"
+    # 'auto', the default, puts rows end to end too.
+    assert trained(method).flat_batches
+
+
 def prove_qlora_base(trained, tmp_path: Path, method: str) -> None:
     t = trained(method)
     check_trained(t)
@@ -401,6 +417,7 @@ IN_PROCESS_PROOFS = {
     "sft": prove_sft,
     "grad_ckpt": prove_gradient_checkpointing,
     "packing": prove_packing,
+    "padding_free": prove_padding_free,
     "qlora_base": prove_qlora_base,
     "merge": prove_merge,
 }

@@ -66,8 +66,12 @@ class Recording:
 
     def __iter__(self):
         for batch in self._loader:
-            mask = batch["attention_mask"].tolist()
-            rows = [[t for t, keep in zip(ids, m) if keep] for ids, m in zip(batch["input_ids"].tolist(), mask)]
+            if "cu_seq_lens_q" in batch:  # padding-free: the batch's rows end to end in one sequence
+                flat, bounds = batch["input_ids"][0].tolist(), batch["cu_seq_lens_q"].tolist()
+                rows = [flat[s:e] for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+            else:
+                mask = batch["attention_mask"].tolist()
+                rows = [[t for t, keep in zip(ids, m) if keep] for ids, m in zip(batch["input_ids"].tolist(), mask)]
             drawn.append(rows)
             (out / f"rank{rank}.json").write_text(json.dumps(drawn))
             yield batch

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -755,8 +756,13 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *args, **kwargs):
-        for ids, mask, labels in zip(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], strict=True):
-            found["rows"].append((ids[mask.bool()].tolist(), labels[mask.bool()].tolist()))
+        if "cu_seq_lens_q" in inputs:  # padding-free: the batch's rows end to end in one sequence
+            bounds = inputs["cu_seq_lens_q"].tolist()
+            for s, e in pairwise(bounds):
+                found["rows"].append((inputs["input_ids"][0, s:e].tolist(), inputs["labels"][0, s:e].tolist()))
+        else:
+            for ids, mask, labels in zip(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], strict=True):
+                found["rows"].append((ids[mask.bool()].tolist(), labels[mask.bool()].tolist()))
         return compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = recording_compute_loss

@@ -165,7 +165,13 @@ def test_length_grouping_cuts_padding(make_recipe, monkeypatch, tmp_path):
         monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
         path = make_recipe(
             f"group-{grouped}",
-            data={"train": str(tmp_path / "long.jsonl"), "eval_split": 0.0, "format": "chat", "max_length": 256},
+            data={
+                "train": str(tmp_path / "long.jsonl"),
+                "eval_split": 0.0,
+                "format": "chat",
+                "max_length": 256,
+                "padding_free": False,
+            },
             training={"max_steps": 1, "batch_size": 8, "group_by_length": grouped, "bf16": False},
         )
         finetune(path)
@@ -182,6 +188,13 @@ def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
     for name, fast in (("fast", True), ("plain", False)):
         path = make_recipe(
             name,
+            data={
+                "train": "data/train.jsonl",
+                "eval": "data/eval.jsonl",
+                "format": "chat",
+                "max_length": 96,
+                "padding_free": fast,
+            },
             training={
                 "max_steps": 4,
                 "batch_size": 4,
@@ -267,7 +280,7 @@ def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(re
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_compact_dropout_draws_the_same_masks_and_keeps_them_as_booleans(autocast, one_torch_thread):
+def test_compact_dropout_keeps_its_masks_as_booleans(autocast, one_torch_thread):
     from llmtune.precision import compact_dropouts
 
     # LoRA's dropout on every targeted input, and GPT-2's own attention and residual dropout.
@@ -284,20 +297,19 @@ def test_compact_dropout_draws_the_same_masks_and_keeps_them_as_booleans(autocas
             loss, saved = _saved_bytes_outside_parameters(model, lambda: _plain_loss(model, batch))
         model.zero_grad()
         loss.backward()
-        return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), saved
 
-    loss, saved, grads = run()
+    loss, saved = run()
     for hook in hooks:
         hook.remove()
     noise_bytes = sum(x.numel() * (x.element_size() - 1) for x in inputs if x.requires_grad)
     assert compact_dropouts(model) == len(dropouts) > 0
-    compact_loss, compact_saved, compact_grads = run()
-    # The same random stream drawn into the same masks: bit-identical loss and gradients.
-    assert compact_loss == loss
-    for name, grad in grads.items():
-        assert torch.equal(compact_grads[name], grad), name
+    compact_loss, compact_saved = run()
     # Each mask kept as one byte per element instead of a noise tensor of the input's dtype.
     assert saved - compact_saved == noise_bytes > 0
+    # Other masks, the same model: the loss moves by dropout's noise, not by a broken layer.
+    assert compact_loss == pytest.approx(loss, rel=0.05)
+    assert compact_loss == run()[0]  # the same seed draws the same masks
     # Evaluation draws nothing.
     model.eval()
     with torch.no_grad():
@@ -305,6 +317,28 @@ def test_compact_dropout_draws_the_same_masks_and_keeps_them_as_booleans(autocas
             model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
             model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
         )
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_compact_dropout_drops_at_its_rate_and_scales_forward_and_backward_alike(p):
+    from llmtune.precision import _BooleanMaskDropout
+
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1001).add_(0.5).requires_grad_()  # no zeros: a zero output means a dropped element
+    y = _BooleanMaskDropout.apply(x, p)
+    kept = y != 0
+    rounded = round(p * 2**15) / 2**15
+    assert abs(rounded - p) <= 2**-16
+    # The dropped share is p (rounded to 2^-15) within five standard errors of a million draws.
+    assert abs((~kept).float().mean().item() - rounded) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    # Kept elements are scaled so that the expectation is the input; the gradient goes through the same mask.
+    assert torch.allclose(y[kept], x[kept] / (1 - rounded))
+    grad = torch.randn_like(x)
+    y.backward(grad)
+    assert torch.allclose(x.grad, torch.where(kept, grad / (1 - rounded), torch.zeros_like(grad)))
+    # Every lane of the 64-bit draws is used: no period of four in the mask.
+    lanes = (~kept).flatten()[: 4 * (x.numel() // 4)].view(-1, 4).float().mean(0)
+    assert (lanes - rounded).abs().max() < 10 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
 
 
 def test_full_precision_outputs_keep_a_small_adapter_delta_that_a_bf16_sum_rounds_away(one_torch_thread):

@@ -1,0 +1,139 @@
+"""Padding-free batches: each row attends on its own and gets the logits it gets in a padded batch; a finetune
+with rows end to end follows the padded run's loss curve; float32 attention under autocast matches sdpa."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import llmtune.run
+from llmtune.attention import SEGMENTED_SDPA, SEGMENTED_SDPA_FLOAT32, use_segmented_attention
+from llmtune.evaluation import pad_batch
+from llmtune.models import load_model
+from llmtune.run import finetune
+
+ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19], [20]]
+
+
+def _padded_and_flat():
+    ids, mask = pad_batch(ROWS, 0, left=False)
+    lengths = [len(r) for r in ROWS]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    flat = {
+        "input_ids": torch.tensor([sum(ROWS, [])]),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+    return {"input_ids": ids, "attention_mask": mask}, flat
+
+
+@pytest.mark.parametrize("ref", ["tiny:llama", "tiny:gpt2"])
+def test_rows_end_to_end_get_the_logits_of_the_padded_batch_attending_row_by_row(ref, monkeypatch):
+    torch.manual_seed(0)
+    model = load_model(ref).eval()
+    padded, flat = _padded_and_flat()
+    with torch.no_grad():
+        expected = model(**padded).logits
+        assert use_segmented_attention(model, float32=False)
+        assert model.config._attn_implementation == SEGMENTED_SDPA
+        query_lengths = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(query, *args, **kwargs):
+            query_lengths.append(query.size(-2))
+            return sdpa(query, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        got = model(**flat).logits
+        # A padded batch still goes through sdpa with transformers' mask.
+        again = model(**padded).logits
+    layers = model.config.num_hidden_layers
+    # Each row on its own in every layer, never the whole flattened sequence; then the padded batch once per layer.
+    assert query_lengths == [len(r) for r in ROWS] * layers + [padded["input_ids"].size(1)] * layers
+    start = 0
+    for i, row in enumerate(ROWS):
+        assert torch.allclose(got[0, start : start + len(row)], expected[i, : len(row)], atol=1e-5), i
+        start += len(row)
+    assert torch.allclose(again, expected, atol=1e-6)
+
+
+def test_float32_attention_under_autocast_computes_in_float32_and_matches_sdpa():
+    torch.manual_seed(0)
+    model = load_model("tiny:llama").eval()
+    padded, flat = _padded_and_flat()
+    with torch.no_grad():
+        exact = model(**padded).logits  # float32 throughout
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(**padded).logits.float()
+        assert use_segmented_attention(model, float32=True)
+        assert model.config._attn_implementation == SEGMENTED_SDPA_FLOAT32
+        dtypes = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                torch.nn.functional,
+                "scaled_dot_product_attention",
+                lambda q, *a, **k: dtypes.append(q.dtype) or sdpa(q, *a, **k),
+            )
+            mixed = model(**padded).logits.float()
+            model(**flat)
+    assert set(dtypes) == {torch.float32}
+    # Attention in float32 brings the bf16 run no further from float32 than sdpa's bf16 attention does.
+    assert (mixed - exact).abs().max() <= (bf16 - exact).abs().max() * 1.5
+
+
+def test_a_model_outside_sdpa_keeps_its_attention():
+    model = load_model("tiny:llama")
+    model.set_attn_implementation("eager")
+    assert not use_segmented_attention(model, float32=False)
+    assert model.config._attn_implementation == "eager"
+
+
+def _train(make_recipe, name, method, padding_free, batches):
+    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+        trainer = real(*args, **kwargs)
+        batches.append(next(iter(trainer.get_train_dataloader())))
+        return trainer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+        path = make_recipe(
+            name,
+            method=method,
+            data={
+                "train": "data/train.jsonl",
+                "eval": "data/eval.jsonl",
+                "format": "chat",
+                "max_length": 96,
+                "padding_free": padding_free,
+            },
+            training={"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "bf16": False},
+        )
+        run = finetune(path).run
+    log = [json.loads(line) for line in (run.path / "trainer_log.jsonl").read_text().splitlines()]
+    return [entry["loss"] for entry in log if "loss" in entry], json.loads((run.path / "metrics.json").read_text())
+
+
+def test_padding_free_finetune_follows_the_padded_loss_curve(make_recipe):
+    lora = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+    flat_batches, padded_batches = [], []
+    flat_curve, flat_metrics = _train(make_recipe, "flat", lora, "auto", flat_batches)
+    padded_curve, padded_metrics = _train(make_recipe, "padded", lora, False, padded_batches)
+    # 'auto' puts the rows end to end: one sequence, no attention mask, no padding.
+    flat, padded = flat_batches[0], padded_batches[0]
+    assert "attention_mask" not in flat and flat["input_ids"].size(0) == 1
+    assert flat["input_ids"].size(1) == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
+    assert len(flat_curve) == 3
+    assert flat_curve == pytest.approx(padded_curve, rel=1e-4)
+    assert flat_metrics["eval_loss"] == pytest.approx(padded_metrics["eval_loss"], rel=1e-4)
+
+
+def test_padding_free_auto_pads_rows_for_virtual_tokens(make_recipe):
+    batches = []
+    _train(make_recipe, "prompt", {"name": "prompt", "num_virtual_tokens": 3}, "auto", batches)
+    assert "attention_mask" in batches[0] and batches[0]["input_ids"].size(0) == 4
