@@ -6,6 +6,7 @@ This is the only module that imports trl, so TRL's moving API stays in one file.
 from __future__ import annotations
 
 import contextlib
+import random
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -107,7 +108,7 @@ def build_sft(
         max_length=recipe.data.max_length if recipe.data.packing else None,
         packing=recipe.data.packing,
         packing_strategy="bfd",
-        padding_free=_padding_free(recipe, model),
+        padding_free=_padding_free(recipe, model, data.train),
         eval_packing=False,
         # A pack is one row already; grouping packs by length would only reorder them.
         train_sampling_strategy="group_by_length" if t.group_by_length and not recipe.data.packing else "random",
@@ -119,12 +120,33 @@ def build_sft(
     return trainer
 
 
-def _padding_free(recipe: Recipe, model: PreTrainedModel) -> bool:
-    """data.padding_free resolved: 'auto' is on where each row attends on its own (see attention.py); through
-    another attention implementation transformers masks the whole flattened batch, correct but quadratic in it."""
+# Below this share of padding in random batches, rows end to end gain nothing measurable: quickstart's rows
+# (3% padding) trained no faster padding-free, and the batches' changing sizes left the process 0.3 GB bigger.
+PADDING_FREE_FROM = 0.10
+
+
+def _padding_free(recipe: Recipe, model: PreTrainedModel, train: Dataset) -> bool:
+    """data.padding_free resolved. 'auto' is on where each row attends on its own (see attention.py; through
+    another attention implementation transformers masks the whole flattened batch, correct but quadratic in it)
+    and random batches of this data would be at least PADDING_FREE_FROM padding."""
     if recipe.data.padding_free != "auto":
         return recipe.data.padding_free
-    return recipe.method.name not in PROMPT_LEARNING_METHODS and attends_per_row(model)
+    if recipe.method.name in PROMPT_LEARNING_METHODS or not attends_per_row(model):
+        return False
+    return (
+        expected_padding([len(ids) for ids in train["input_ids"]], recipe.training.batch_size, recipe.training.seed)
+        >= PADDING_FREE_FROM
+    )
+
+
+def expected_padding(lengths: list[int], batch_size: int, seed: int, batches: int = 256) -> float:
+    """The share of padding in `batches` batches of rows drawn at random, each padded to its longest row."""
+    rng = random.Random(seed)
+    real = padded = 0
+    for _ in range(batches):
+        batch = rng.sample(lengths, min(batch_size, len(lengths)))
+        real, padded = real + sum(batch), padded + len(batch) * max(batch)
+    return 1 - real / padded if padded else 0.0
 
 
 def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, **extra) -> Trainer:

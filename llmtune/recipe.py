@@ -426,8 +426,9 @@ class DataSpec(_Spec):
     padding_free: Union[Literal["auto"], bool] = Field(
         "auto",
         description="objective sft: put each batch's rows end to end instead of padding them to the longest; the "
-        "same rows per step and the same loss, each row attending on its own; 'auto' = on except for prefix, prompt "
-        "and p-tuning, and for models that do not attend through sdpa",
+        "same rows per step and the same loss, each row attending on its own; 'auto' = on where random batches of the "
+        "data would be at least 10% padding, except for prefix, prompt and p-tuning and for models that do not "
+        "attend through sdpa",
     )
 
 

@@ -137,3 +137,29 @@ def test_padding_free_auto_pads_rows_for_virtual_tokens(make_recipe):
     batches = []
     _train(make_recipe, "prompt", {"name": "prompt", "num_virtual_tokens": 3}, "auto", batches)
     assert "attention_mask" in batches[0] and batches[0]["input_ids"].size(0) == 4
+
+
+def test_expected_padding_of_random_batches():
+    from llmtune.objectives import expected_padding
+
+    assert expected_padding([50] * 40, 8, seed=0) == 0.0
+    # Half the rows 10 tokens, half 30, two drawn at a time: 40 real tokens a batch, padded to 60 when mixed.
+    mixed = 2 * 50 / 100 * 50 / 99
+    padded = mixed * 60 + (1 - mixed) / 2 * (20 + 60)
+    assert expected_padding([10, 30] * 50, 2, seed=0, batches=4000) == pytest.approx(1 - 40 / padded, abs=0.01)
+
+
+def test_padding_free_auto_is_on_where_random_batches_would_be_padded(make_recipe):
+    from llmtune.objectives import PADDING_FREE_FROM, _padding_free
+    from llmtune.recipe import load_recipe
+
+    model = load_model("tiny:llama")
+    recipe = load_recipe(make_recipe("auto"))  # padding_free: auto, batch size 4
+    even = {"input_ids": [[1] * 40] * 24}
+    ragged = {"input_ids": [[1] * (10 + 30 * (i % 2)) for i in range(24)]}
+    assert not _padding_free(recipe, model, even)
+    assert _padding_free(recipe, model, ragged)
+    # Asked for, it is on whatever the padding.
+    recipe.data.padding_free = True
+    assert _padding_free(recipe, model, even)
+    assert 0 < PADDING_FREE_FROM < 1
