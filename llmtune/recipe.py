@@ -465,8 +465,9 @@ class TrainingSpec(_Spec):
     )
     compact_dropout: bool = Field(
         True,
-        description="dropout keeps its mask for backward as booleans, not as a noise tensor of the input's dtype "
-        "(on CPU, a float32 copy of every LoRA input); the same mask and numbers",
+        description="on CPU, dropout keeps its mask for backward as booleans, not as a noise tensor of the input's "
+        "dtype (a float32 copy of every LoRA input), and draws it four elements per 64-bit random number instead "
+        "of one (the probability rounded to a multiple of 2^-15)",
     )
     cpu_float32_attention: bool = Field(
         True,

@@ -150,13 +150,15 @@ def test_expected_padding_of_random_batches():
 
 
 def test_padding_free_auto_is_on_where_random_batches_would_be_padded(make_recipe):
+    from datasets import Dataset
+
     from llmtune.objectives import PADDING_FREE_FROM, _padding_free
     from llmtune.recipe import load_recipe
 
     model = load_model("tiny:llama")
     recipe = load_recipe(make_recipe("auto"))  # padding_free: auto, batch size 4
-    even = {"input_ids": [[1] * 40] * 24}
-    ragged = {"input_ids": [[1] * (10 + 30 * (i % 2)) for i in range(24)]}
+    even = Dataset.from_dict({"input_ids": [[1] * 40] * 24})
+    ragged = Dataset.from_dict({"input_ids": [[1] * (10 + 30 * (i % 2)) for i in range(24)]})
     assert not _padding_free(recipe, model, even)
     assert _padding_free(recipe, model, ragged)
     # Asked for, it is on whatever the padding.
