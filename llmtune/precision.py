@@ -13,8 +13,9 @@ Dropout on the CPU multiplies its input by a noise tensor of the input's own dty
 backward: with LoRA's dropout on every targeted module's input, a float32 copy of the hidden states per
 module and layer (SmolLM2-135M, 4096 tokens: about 1.4 GB). It also draws one Mersenne-twister number per
 element, one element at a time (PyTorch takes MKL's vectorised generator only on Intel CPUs): 1.7 ms per LoRA
-input of 8 x 69 x 576; over a step's 210 of them, a fifth of a quickstart step. `compact_dropouts` keeps the mask as booleans, a quarter
-of the bytes, and draws it from torch's generator four elements per 64-bit number (15 bits each): 0.5 ms.
+input of 8 x 69 x 576; over a step's 210 of them, a fifth of a quickstart step. `compact_dropouts` keeps the
+mask as booleans, a quarter of the bytes, and draws it from torch's generator four elements per 64-bit number
+(15 bits each): 0.5 ms.
 """
 
 from __future__ import annotations
