@@ -30,7 +30,7 @@ def use_segmented_attention(model: nn.Module, float32: bool) -> bool:
     from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     if not isinstance(base, PreTrainedModel) or base.config._attn_implementation != "sdpa":
         return False
     name = SEGMENTED_SDPA_FLOAT32 if float32 else SEGMENTED_SDPA
@@ -42,12 +42,17 @@ def use_segmented_attention(model: nn.Module, float32: bool) -> bool:
 
 def attends_per_row(model: nn.Module) -> bool:
     """Whether `model` attends through `_segmented_sdpa`, or will once `use_segmented_attention` switches it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     return getattr(getattr(base, "config", None), "_attn_implementation", None) in (
         "sdpa",
         SEGMENTED_SDPA,
         SEGMENTED_SDPA_FLOAT32,
     )
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper, or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _segmented_sdpa(module, query, key, value, attention_mask, **kwargs):

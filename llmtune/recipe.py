@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmtune.errors import LLMTuneError, first_line
 
@@ -383,6 +392,18 @@ class Seq2SeqSpec(_ObjectiveOptions):
     loss_on: ClassVar[str] = "target"
 
 
+def _auto_or_bool(value: Any) -> Any:
+    # Left to the union, pydantic reports only its first member: "Input should be 'auto'".
+    if value == "auto":
+        return value
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        raise ValueError(f"expected auto, true or false (got {value!r})") from None
+
+
+AutoOrBool = Annotated[Union[Literal["auto"], bool], BeforeValidator(_auto_or_bool)]
+
 SEQ2SEQ_FORMATS = ("prompt_completion", "instruction")
 # Virtual tokens go in front of every sequence: rows put end to end would share one set.
 PROMPT_LEARNING_METHODS = ("prefix", "prompt", "p-tuning")
@@ -423,7 +444,7 @@ class DataSpec(_Spec):
         description="pack rows into max_length sequences with no padding; attention never crosses rows "
         "(position ids restart per row)",
     )
-    padding_free: Union[Literal["auto"], bool] = Field(
+    padding_free: AutoOrBool = Field(
         "auto",
         description="objective sft: put each batch's rows end to end instead of padding them to the longest; the "
         "same rows per step and the same loss, each row attending on its own; 'auto' = on where random batches of the "
@@ -445,7 +466,7 @@ class TrainingSpec(_Spec):
     seed: int = 0
     logging_steps: int = Field(5, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
-    bf16: Union[Literal["auto"], bool] = Field(
+    bf16: AutoOrBool = Field(
         "auto",
         description="mixed precision: matmuls in bfloat16 under autocast, weights and optimizer state in "
         "training.dtype; 'auto' = where the hardware computes bfloat16 natively (CUDA with bf16, CPUs with "

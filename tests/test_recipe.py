@@ -202,6 +202,16 @@ def test_set_overrides_win_over_file_and_are_validated(tmp_path):
         load_recipe(path, ["training.max_stesp=5"])
 
 
+@pytest.mark.parametrize("key", ["training.bf16", "data.padding_free"])
+def test_auto_or_bool_options_name_every_choice(tmp_path, key):
+    path = write_recipe(tmp_path)
+    section, name = key.split(".")
+    for value, expected in (("auto", "auto"), ("true", True), ("off", False)):
+        assert getattr(getattr(load_recipe(path, [f"{key}={value}"]), section), name) == expected
+    with expect_error(f"{key}: expected auto, true or false (got 'maybe')"):
+        load_recipe(path, [f"{key}=maybe"])
+
+
 def test_set_string_field_with_numeric_value(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path), ["output.dir=2024"])
     assert recipe.output.dir == "2024"
