@@ -58,6 +58,7 @@ def evaluate(
         # A new head (classification) is initialised from the torch seed: the same one training started from.
         torch.manual_seed(recipe.training.seed)
         model, tokenizer = load_tuned(path)
+        model = on_accelerator(model)
         label = "tuned"
         out = out or path / artifacts.EVAL_FILE
     else:
@@ -66,7 +67,7 @@ def evaluate(
         recipe = load_recipe(path, overrides)
         tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
         torch.manual_seed(recipe.training.seed)
-        model = load_base_model(recipe, quantized=False)
+        model = on_accelerator(load_base_model(recipe, quantized=False))
         label, compare_base = "base", False
     _, samples = split_samples(recipe)
     if not samples:
@@ -104,7 +105,7 @@ def evaluate(
 def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
     if not isinstance(recipe.objective, DistillSpec):
         return None
-    return load_teacher(recipe.objective.teacher, recipe.training.dtype)
+    return on_accelerator(load_teacher(recipe.objective.teacher, recipe.training.dtype))
 
 
 @contextlib.contextmanager
@@ -118,7 +119,7 @@ def _base_of(model: PreTrainedModel, recipe: Recipe):
             yield model
     else:
         torch.manual_seed(recipe.training.seed)
-        yield load_base_model(recipe, quantized=False)
+        yield on_accelerator(load_base_model(recipe, quantized=False))
 
 
 def _predictions_path(out: Path, target: Path) -> Path:
@@ -252,7 +253,9 @@ def class_probabilities(
     model.eval()
     out = []
     for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        ids, attn = pad_batch(
+            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
+        )
         out.append(model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1))
     return torch.cat(out)
 
@@ -269,7 +272,9 @@ def sequence_rewards(
     model.config.pad_token_id = tokenizer.pad_token_id
     rewards = []
     for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
+        ids, attn = pad_batch(
+            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
+        )
         rewards.extend(model(input_ids=ids, attention_mask=attn).logits[:, 0].float().tolist())
     return rewards
 
@@ -285,8 +290,10 @@ def sequence_logps(
     """Per row: the summed log-probability of its labels that are not -100, and how many there are."""
     logps, counts = [], []
     for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
-        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
+        ids, attn = pad_batch(
+            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
+        )
+        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False, device=model.device)
         if is_encoder_decoder(model):
             # The decoder reads the labels shifted right behind its start token; logit t predicts label t.
             logits = model(input_ids=ids, attention_mask=attn, labels=lab).logits.float()
@@ -330,8 +337,10 @@ def teacher_kl(
     """Mean forward KL(teacher || model) at temperature 1 over the tokens that carry loss (nats per token)."""
     total, count = 0.0, 0
     for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False)
-        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False)
+        ids, attn = pad_batch(
+            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
+        )
+        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False, device=model.device)
         student = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :, :].float().log_softmax(-1)
         reference = teacher(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
         per_token = (reference.exp() * (reference - student)).sum(-1)[:, :-1]
@@ -359,7 +368,7 @@ def _generation_inputs(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Te
     config = _prompt_learning_config(model)
     if config is None:
         return model, {"input_ids": ids, "attention_mask": attn}
-    virtual = torch.ones(ids.size(0), config.num_virtual_tokens, dtype=attn.dtype)
+    virtual = torch.ones(ids.size(0), config.num_virtual_tokens, dtype=attn.dtype, device=attn.device)
     attention_mask = torch.cat([virtual, attn], dim=1)
     if config.peft_type == "PREFIX_TUNING":
         # The prefix is a pre-filled KV cache; generate skips the input ids it covers, so any id stands in for them.
@@ -391,7 +400,9 @@ def generate_texts(
     model.eval()
     texts = []
     for start in range(0, len(prompts), batch_size):
-        ids, attn = pad_batch(prompts[start : start + batch_size], tokenizer.pad_token_id, left=True)
+        ids, attn = pad_batch(
+            prompts[start : start + batch_size], tokenizer.pad_token_id, left=True, device=model.device
+        )
         generator, inputs = _generation_inputs(model, ids, attn)
         out = generator.generate(
             **inputs,
@@ -411,7 +422,9 @@ def is_encoder_decoder(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def pad_batch(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    rows: list[list[int]], value: int, left: bool, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -419,7 +432,14 @@ def pad_batch(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tens
         span = slice(width - len(r), width) if left else slice(0, len(r))
         ids[i, span] = torch.tensor(r, dtype=torch.long)
         attn[i, span] = 1
-    return ids, attn
+    return ids.to(device), attn.to(device)
+
+
+def on_accelerator(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` on the GPU where there is one (bitsandbytes has already put a quantized model there)."""
+    if torch.cuda.is_available() and model.device.type == "cpu":
+        return model.to("cuda")
+    return model
 
 
 def complete(
@@ -459,6 +479,7 @@ def complete(
     else:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         sample = Sample(messages=[*system, {"role": "user", "content": prompt}])
+    model = on_accelerator(model)
     torch.manual_seed(seed)
     prompt_ids = encode_prompt(sample, tokenizer, is_encoder_decoder(model))
     [text] = generate_texts(model, tokenizer, [prompt_ids], max_new_tokens, 1, temperature, top_k, top_p)

@@ -119,7 +119,8 @@ def _probe_batch(run: artifacts.RunDir, tokenizer) -> dict[str, torch.Tensor]:
 
 def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
-    logits = model(**batch).logits.float()
+    # A QLoRA run's models sit where bitsandbytes put them (the GPU), the reloaded merge on the CPU.
+    logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
     if logits.dim() == 2:  # one score per sequence (classification and reward heads): nothing to mask
         return logits
     return logits * batch["attention_mask"][..., None]
