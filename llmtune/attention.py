@@ -9,14 +9,28 @@ attends on its own, with the causal kernel and no mask: the padded batch's atten
 On the CPU, autocast runs sdpa in bf16, and PyTorch's CPU flash-attention kernel is slower in bf16 than in
 float32 (forward and backward, 8 x 9 heads x 64 dims: 12.5 ms against 4.8 ms at 66 tokens, 60 against 49 ms
 at 280, equal at 512). The float32 variant computes attention outside autocast: faster there, and exact.
+
+On a GPU, where PyTorch has it, the rows go to its variable-length flash-attention kernel in one call
+(`torch.nn.attention.varlen`) instead of one sdpa call per row.
 """
 
 from __future__ import annotations
 
+import inspect
 from itertools import pairwise
 
 import torch
 from torch import nn
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    # Its keywords changed between releases: the first took no scale, is_causal became window_size, and
+    # enable_gqa came later.
+    _VARLEN_KEYWORDS = frozenset(inspect.signature(_varlen_attn).parameters)
+except ImportError:
+    _varlen_attn, _VARLEN_KEYWORDS = None, frozenset()
+VARLEN_DEVICES = ("cuda",)  # where PyTorch's varlen kernel runs
 
 SEGMENTED_SDPA = "llmtune_sdpa"
 SEGMENTED_SDPA_FLOAT32 = "llmtune_sdpa_float32"
@@ -63,7 +77,17 @@ def _segmented_sdpa(module, query, key, value, attention_mask, **kwargs):
     if bounds is None or query.size(0) != 1 or kwargs.get("sliding_window") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("cu_seq_lens_k", None)
-    bounds = bounds.tolist()
+    device = query.device.type
+    if (
+        "scale" in _VARLEN_KEYWORDS
+        and device in VARLEN_DEVICES
+        and kwargs.get("max_length_q")
+        and not kwargs.get("dropout")
+    ):
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            return _varlen(module, query, key, value, bounds, dtype, **kwargs), None
+    bounds = _bounds_list(bounds)
     rows = [
         sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
         for s, e in pairwise(bounds)
@@ -72,6 +96,36 @@ def _segmented_sdpa(module, query, key, value, attention_mask, **kwargs):
     if bounds[-1] < query.size(2):
         rows.append(query.new_zeros(1, query.size(2) - bounds[-1], query.size(1), query.size(3)))
     return torch.cat(rows, dim=1), None
+
+
+def _varlen(module, query, key, value, bounds, dtype, max_length_q, scaling=None, is_causal=None, **_):
+    """Attention within each row of a flattened batch, one kernel for all rows."""
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (tokens, heads, head dim)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    options = {"scale": scaling}
+    if "window_size" in _VARLEN_KEYWORDS:
+        options["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        options["is_causal"] = causal
+    if k.size(1) != q.size(1):
+        if "enable_gqa" in _VARLEN_KEYWORDS:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    bounds = bounds.to(torch.int32)
+    longest = int(max_length_q)
+    out = _varlen_attn(q, k, v, bounds, bounds, longest, longest, **options)
+    return out.unsqueeze(0).to(query.dtype)
+
+
+# Every layer of a forward pass gets the same boundaries tensor; reading one on a GPU waits for the GPU.
+_last_bounds: list = [None, None]
+
+
+def _bounds_list(bounds: torch.Tensor) -> list[int]:
+    if _last_bounds[0] is not bounds:
+        _last_bounds[:] = [bounds, bounds.tolist()]
+    return _last_bounds[1]
 
 
 def _segmented_sdpa_float32(module, query, key, value, attention_mask, **kwargs):

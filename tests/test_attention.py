@@ -3,12 +3,15 @@ with rows end to end follows the padded run's loss curve; float32 attention unde
 
 from __future__ import annotations
 
+import inspect
 import json
+from itertools import pairwise
 
 import pytest
 import torch
 
 import llmtune.run
+from llmtune import attention
 from llmtune.attention import SEGMENTED_SDPA, SEGMENTED_SDPA_FLOAT32, use_segmented_attention
 from llmtune.evaluation import pad_batch
 from llmtune.models import load_model
@@ -85,6 +88,83 @@ def test_float32_attention_under_autocast_computes_in_float32_and_matches_sdpa()
     assert set(dtypes) == {torch.float32}
     # Attention in float32 brings the bf16 run no further from float32 than sdpa's bf16 attention does.
     assert (mixed - exact).abs().max() <= (bf16 - exact).abs().max() * 1.5
+
+
+def _varlen_by_rows(query, key, value, cu_seq_q, max_q, scale, causal, gqa):
+    """What PyTorch's varlen kernel computes, row by row through sdpa."""
+    assert cu_seq_q.dtype == torch.int32 and max_q == int(cu_seq_q.diff().max())
+    rows = []
+    for s, e in pairwise(cu_seq_q.tolist()):
+        q, k, v = (t[s:e].transpose(0, 1) for t in (query, key, value))  # (heads, tokens, head dim)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        rows.append(out.transpose(0, 1))
+    return torch.cat(rows)
+
+
+def _newest(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    return _varlen_by_rows(query, key, value, cu_seq_q, max_q, scale, tuple(window_size) == (-1, 0), enable_gqa)
+
+
+def _without_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    return _varlen_by_rows(query, key, value, cu_seq_q, max_q, scale, tuple(window_size) == (-1, 0), False)
+
+
+def _with_is_causal(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None):
+    return _varlen_by_rows(query, key, value, cu_seq_q, max_q, scale, is_causal, False)
+
+
+@pytest.mark.parametrize("kernel", [_newest, _without_gqa, _with_is_causal])
+def test_varlen_kernel_gets_every_row_in_one_call_whichever_keywords_it_takes(kernel, monkeypatch):
+    """PyTorch's varlen kernel runs on GPUs only; a CPU stand-in with each release's keywords checks what it gets."""
+    torch.manual_seed(0)
+    model = load_model("tiny:llama").eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
+    padded, flat = _padded_and_flat()
+    calls = []
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "_VARLEN_KEYWORDS", frozenset(inspect.signature(kernel).parameters))
+    monkeypatch.setattr(attention, "_varlen_attn", lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**padded).logits.float()
+        use_segmented_attention(model, float32=False)
+        got = model(**flat).logits.float()
+    assert calls == [torch.bfloat16] * model.config.num_hidden_layers
+    start = 0
+    for i, row in enumerate(ROWS):
+        assert torch.allclose(got[0, start : start + len(row)], expected[i, : len(row)], atol=0.05), i
+        start += len(row)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "scale" not in attention._VARLEN_KEYWORDS,
+    reason="needs a GPU and PyTorch's varlen kernel",
+)
+def test_on_a_gpu_rows_end_to_end_go_through_one_varlen_call_per_layer_with_the_padded_gradients(monkeypatch):
+    torch.manual_seed(0)
+    model = load_model("tiny:llama").cuda()
+    padded, flat = _padded_and_flat()
+    padded = {k: v.cuda() for k, v in padded.items()}
+    flat = {k: v.cuda() if torch.is_tensor(v) else v for k, v in flat.items()}
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+
+    def run(batch):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(**batch).logits.float()
+        real = logits[padded["attention_mask"].bool()] if batch is padded else logits[0]
+        real.square().mean().backward()
+        return real.detach(), q_proj.grad.clone()
+
+    expected, expected_grad = run(padded)
+    use_segmented_attention(model, float32=False)
+    calls = []
+    kernel = attention._varlen_attn
+    monkeypatch.setattr(attention, "_varlen_attn", lambda *a, **k: calls.append(a[0].size(0)) or kernel(*a, **k))
+    got, got_grad = run(flat)
+    assert calls == [sum(len(r) for r in ROWS)] * model.config.num_hidden_layers
+    # Both in bf16: the same attention, summed in another order.
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert (got_grad - expected_grad).norm() <= 0.02 * expected_grad.norm()
 
 
 def test_a_model_outside_sdpa_keeps_its_attention():

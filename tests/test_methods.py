@@ -68,9 +68,11 @@ def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Eval-mode logits of the real tokens (prompt tuning's virtual-token positions dropped, padding zeroed)."""
     was_training = model.training
     model.eval()
-    logits = model(**batch).logits[:, -batch["input_ids"].size(1) :].float()
+    # Where training left the model: on a GPU machine, the GPU.
+    device = next(model.parameters()).device
+    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, -batch["input_ids"].size(1) :].float()
     model.train(was_training)
-    return logits * batch["attention_mask"][..., None]
+    return logits.cpu() * batch["attention_mask"][..., None]
 
 
 def lora_layers(model) -> list[Any]:
