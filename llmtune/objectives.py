@@ -20,6 +20,7 @@ from llmtune.attention import attends_per_row, use_segmented_attention
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.loss import TargetedLoss
+from llmtune.methods import ADAPTER_METHODS
 from llmtune.precision import compact_dropouts, route_frozen_linears
 from llmtune.recipe import PROMPT_LEARNING_METHODS, Recipe
 from llmtune.training import guarded, use_bf16
@@ -168,9 +169,10 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
     )
     _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
     t = recipe.training
+    store = torch.bfloat16 if t.frozen_bf16 and _saves_no_frozen_weights(recipe) else None
     # Sharding engines own the weights outside the forward pass, so layers keep their own forward there.
-    if args.bf16 and (t.recast_frozen or t.full_precision_outputs) and not (t.fsdp or t.deepspeed):
-        route_frozen_linears(model, recast=t.recast_frozen, full_precision_outputs=t.full_precision_outputs)
+    if args.bf16 and (t.recast_frozen or t.full_precision_outputs or store) and not (t.fsdp or t.deepspeed):
+        route_frozen_linears(model, t.recast_frozen, t.full_precision_outputs, store_dtype=store)
     if t.compact_dropout and not torch.cuda.is_available():  # CUDA's fused dropout already keeps a boolean mask
         compact_dropouts(model)
     # CUDA's bf16 attention kernels are the fast ones.
@@ -183,6 +185,14 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
             if p.requires_grad:
                 p.data = p.data.to(dtype)
     return trainer
+
+
+def _saves_no_frozen_weights(recipe: Recipe) -> bool:
+    """Whether the run saves its adapter alone and never runs its model outside autocast while training.
+
+    DoRA reads the frozen weight itself for its norm; bottleneck checkpoints hold the whole model; grpo
+    generates between steps."""
+    return recipe.method.name in ADAPTER_METHODS - {"dora", "adapter"} and recipe.objective.name != "grpo"
 
 
 def build_classify(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:

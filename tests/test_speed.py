@@ -6,6 +6,7 @@ cuts padding; and a finetune with every lever on follows the same loss curve as 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,6 +278,100 @@ def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(re
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"]).logits
     assert logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("recast", [True, False], ids=["recast", "autocast-copies"])
+def test_frozen_weights_stored_in_bf16_give_the_same_numbers_in_half_the_bytes(recast, one_torch_thread):
+    from llmtune.precision import route_frozen_linears
+
+    model, tokenizer = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0})
+    batch = _batch(tokenizer)
+    frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    route_frozen_linears(model, recast=recast)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _plain_loss(model, batch)
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            plain_logits = model(input_ids=batch["input_ids"]).logits  # outside autocast
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, plain_logits
+
+    loss, grads, logits = run()
+    fp32_bytes = sum(m.weight.nbytes for m in frozen)
+    assert route_frozen_linears(model, recast=recast, store_dtype=torch.bfloat16) == len(frozen) > 0
+    assert {m.weight.dtype for m in frozen} == {torch.bfloat16}
+    assert sum(m.weight.nbytes for m in frozen) * 2 == fp32_bytes
+    stored_loss, stored_grads, stored_logits = run()
+    # Autocast multiplies by these very bf16 values either way: bit for bit the same.
+    assert torch.equal(stored_loss, loss)
+    for name, grad in grads.items():
+        assert torch.equal(stored_grads[name], grad), name
+    # Outside autocast the weights are cast to the input's dtype: float32 logits, off by the weights' rounding.
+    assert stored_logits.dtype == torch.float32
+    assert not torch.equal(stored_logits, logits)
+    assert torch.allclose(stored_logits, logits, rtol=0.05, atol=0.05)
+
+
+def test_a_frozen_weight_shared_with_the_input_embedding_stays_in_float32(one_torch_thread):
+    from llmtune.precision import route_frozen_linears
+
+    model, _ = _perturbed_model("tiny:gpt2", {"name": "lora", "r": 4, "dropout": 0.0})
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight  # GPT-2 ties them
+    route_frozen_linears(model, store_dtype=torch.bfloat16)
+    assert head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "method, stored",
+    [
+        ("lora", True),
+        ("ia3", True),
+        ("dora", False),  # DoRA's norm reads the frozen weight itself
+        ("adapter", False),  # bottleneck checkpoints hold the whole model
+        ("layers", False),  # the run saves the whole model, frozen blocks too
+    ],
+)
+def test_frozen_bf16_applies_where_the_run_saves_no_frozen_weight(method, stored, make_recipe, monkeypatch):
+    trainers = []
+
+    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+        trainers.append(real(*args, **kwargs))
+        return trainers[-1]
+
+    monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+    training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True}
+    run = finetune(make_recipe(method={"name": method}, training=training)).run
+    model = trainers[0].model
+    frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    assert frozen
+    assert {m.weight.dtype for m in frozen} == {torch.bfloat16 if stored else torch.float32}
+    if stored:
+        # The saved adapter over the float32 base from its checkpoint computes under autocast exactly what
+        # training computed.
+        from llmtune.attention import use_segmented_attention
+        from llmtune.models import load_tuned
+        from llmtune.precision import route_frozen_linears
+
+        reloaded, tokenizer = load_tuned(run.path)
+        route_frozen_linears(reloaded)
+        use_segmented_attention(reloaded, float32=True)  # as training attends on the CPU
+        ids = _batch(tokenizer)["input_ids"]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits)
+
+
+def test_frozen_bf16_is_off_for_objectives_that_generate_while_training():
+    from llmtune.objectives import _saves_no_frozen_weights
+
+    recipes = Path(__file__).parents[1] / "recipes"
+    grpo = load_recipe(recipes / "grpo.yaml")
+    assert grpo.method.name == "lora" and grpo.training.frozen_bf16
+    assert not _saves_no_frozen_weights(grpo)
+    assert _saves_no_frozen_weights(load_recipe(recipes / "quickstart.yaml"))
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
