@@ -169,7 +169,7 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
     )
     _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
     t = recipe.training
-    store = torch.bfloat16 if t.frozen_bf16 and _saves_no_frozen_weights(recipe) else None
+    store = torch.bfloat16 if _frozen_bf16(recipe) else None
     # Sharding engines own the weights outside the forward pass, so layers keep their own forward there.
     if args.bf16 and (t.recast_frozen or t.full_precision_outputs or store) and not (t.fsdp or t.deepspeed):
         route_frozen_linears(model, t.recast_frozen, t.full_precision_outputs, store_dtype=store)
@@ -185,6 +185,14 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
             if p.requires_grad:
                 p.data = p.data.to(dtype)
     return trainer
+
+
+def _frozen_bf16(recipe: Recipe) -> bool:
+    """training.frozen_bf16 resolved. 'auto' is on where the weights live in GPU memory: on the CPU the model's
+    float32 weights are pages of the checkpoint file, mapped and resident whatever is done with them, and bf16
+    copies would only add to them."""
+    wanted = recipe.training.frozen_bf16
+    return (torch.cuda.is_available() if wanted == "auto" else wanted) and _saves_no_frozen_weights(recipe)
 
 
 def _saves_no_frozen_weights(recipe: Recipe) -> bool:

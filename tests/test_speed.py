@@ -343,7 +343,7 @@ def test_frozen_bf16_applies_where_the_run_saves_no_frozen_weight(method, stored
         return trainers[-1]
 
     monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
-    training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True}
+    training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True, "frozen_bf16": True}
     run = finetune(make_recipe(method={"name": method}, training=training)).run
     model = trainers[0].model
     frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
@@ -364,14 +364,17 @@ def test_frozen_bf16_applies_where_the_run_saves_no_frozen_weight(method, stored
             assert torch.equal(model.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits)
 
 
-def test_frozen_bf16_is_off_for_objectives_that_generate_while_training():
-    from llmtune.objectives import _saves_no_frozen_weights
+def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while_training(monkeypatch):
+    from llmtune.objectives import _frozen_bf16
 
     recipes = Path(__file__).parents[1] / "recipes"
-    grpo = load_recipe(recipes / "grpo.yaml")
-    assert grpo.method.name == "lora" and grpo.training.frozen_bf16
-    assert not _saves_no_frozen_weights(grpo)
-    assert _saves_no_frozen_weights(load_recipe(recipes / "quickstart.yaml"))
+    quickstart, grpo = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "grpo.yaml")
+    assert quickstart.training.frozen_bf16 == grpo.training.frozen_bf16 == "auto"
+    assert grpo.method.name == quickstart.method.name == "lora"
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert _frozen_bf16(quickstart) is gpu
+        assert _frozen_bf16(grpo) is False
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
