@@ -16,6 +16,7 @@ On a GPU, where PyTorch has it, the rows go to its variable-length flash-attenti
 
 from __future__ import annotations
 
+import functools
 import inspect
 from itertools import pairwise
 
@@ -77,13 +78,8 @@ def _segmented_sdpa(module, query, key, value, attention_mask, **kwargs):
     if bounds is None or query.size(0) != 1 or kwargs.get("sliding_window") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("cu_seq_lens_k", None)
-    device = query.device.type
-    if (
-        "scale" in _VARLEN_KEYWORDS
-        and device in VARLEN_DEVICES
-        and kwargs.get("max_length_q")
-        and not kwargs.get("dropout")
-    ):
+    if _varlen_runs(query) and kwargs.get("max_length_q") and not kwargs.get("dropout"):
+        device = query.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
         if dtype in (torch.float16, torch.bfloat16):
             return _varlen(module, query, key, value, bounds, dtype, **kwargs), None
@@ -96,6 +92,19 @@ def _segmented_sdpa(module, query, key, value, attention_mask, **kwargs):
     if bounds[-1] < query.size(2):
         rows.append(query.new_zeros(1, query.size(2) - bounds[-1], query.size(1), query.size(3)))
     return torch.cat(rows, dim=1), None
+
+
+def _varlen_runs(query: torch.Tensor) -> bool:
+    """Whether PyTorch's varlen kernel takes `query`: flash attention wants head dims up to 256 and, on NVIDIA
+    GPUs, compute capability 8.0 (Ampere) or newer."""
+    if "scale" not in _VARLEN_KEYWORDS or query.device.type not in VARLEN_DEVICES or query.size(-1) > 256:
+        return False
+    return query.device.type != "cuda" or _capability(query.device.index or 0) >= (8, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _varlen(module, query, key, value, bounds, dtype, max_length_q, scaling=None, is_causal=None, **_):
@@ -112,7 +121,7 @@ def _varlen(module, query, key, value, bounds, dtype, max_length_q, scaling=None
             options["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-    bounds = bounds.to(torch.int32)
+    bounds = bounds.to(query.device, torch.int32)
     longest = int(max_length_q)
     out = _varlen_attn(q, k, v, bounds, bounds, longest, longest, **options)
     return out.unsqueeze(0).to(query.dtype)

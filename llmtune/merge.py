@@ -84,6 +84,7 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
         (staging / MODEL_CARD_FILE).write_text(model_card(run.recipe(), metrics, evaluation, merged=True))
         # Reload exactly as a user would, with plain transformers and no peft.
         reloaded = auto_class(run.recipe().objective.model_kind).from_pretrained(staging, dtype=merged.dtype)
+        reloaded.to(merged.device)  # compared on one device: GPU and CPU kernels round bf16 differently
         with torch.no_grad():
             reload_diff = (_logits(reloaded, probes) - merged_logits).abs().max().item()
         if not reload_diff <= tolerance:
