@@ -20,9 +20,8 @@ from llmtune.attention import attends_per_row, use_segmented_attention
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.loss import TargetedLoss
-from llmtune.methods import ADAPTER_METHODS
 from llmtune.precision import compact_dropouts, route_frozen_linears
-from llmtune.recipe import PROMPT_LEARNING_METHODS, Recipe
+from llmtune.recipe import FROZEN_BF16_METHODS, PROMPT_LEARNING_METHODS, Recipe
 from llmtune.training import guarded, use_bf16
 
 if TYPE_CHECKING:
@@ -196,11 +195,9 @@ def _frozen_bf16(recipe: Recipe) -> bool:
 
 
 def _saves_no_frozen_weights(recipe: Recipe) -> bool:
-    """Whether the run saves its adapter alone and never runs its model outside autocast while training.
-
-    DoRA reads the frozen weight itself for its norm; bottleneck checkpoints hold the whole model; grpo
-    generates between steps."""
-    return recipe.method.name in ADAPTER_METHODS - {"dora", "adapter"} and recipe.objective.name != "grpo"
+    """Whether the run saves its adapter alone and never runs its model outside autocast while training (grpo
+    generates between steps)."""
+    return recipe.method.name in FROZEN_BF16_METHODS and recipe.objective.name != "grpo"
 
 
 def build_classify(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:

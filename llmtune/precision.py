@@ -6,8 +6,8 @@ then keeps that bf16 copy until backward, where it computes the input's gradient
 frozen weight per step (SmolLM2-135M: about 210 MB), more than an adapter run would otherwise hold beside
 the float32 model. `route_frozen_linears` makes each frozen `nn.Linear` keep a reference to its own float32
 weight instead and cast it again in backward: the same bf16 products, a few percent more time, that much less
-memory. It also hands the bf16 product back in float32, so an adapter's delta is added to it at full precision
-(see `route_frozen_linears`).
+memory. It also hands the bf16 product back in float32, so an adapter's delta is added to it at full precision,
+and it can store the frozen weights in bf16 outright (see `route_frozen_linears`).
 
 Dropout on the CPU multiplies its input by a noise tensor of the input's own dtype and keeps that tensor for
 backward: with LoRA's dropout on every targeted module's input, a float32 copy of the hidden states per
@@ -44,20 +44,21 @@ def route_frozen_linears(
             early in training, and the adapter learns from a forward pass that barely reflects it.
         store_dtype: keep the routed weights in this dtype, autocast's: every product under autocast uses
             exactly these values, now without a cast in each forward and backward, in half the memory. Only
-            for runs that save no frozen weight (an adapter's), and never for a weight the input embedding
-            shares, which looks tokens up outside autocast.
+            for runs that save no frozen weight (an adapter's). The embeddings keep theirs: the input embedding
+            looks tokens up outside autocast, and peft saves the output head's base weight with an adapter
+            that targets it.
     """
-    shared = getattr(model.get_input_embeddings(), "weight", None) if hasattr(model, "get_input_embeddings") else None
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and not module.weight.requires_grad:
-            # The dtype its outputs come back in: the model's own, whatever the weight is stored in.
-            outputs = module.weight.dtype if full_precision_outputs else None
-            if store_dtype is not None and module.weight is not shared:
-                module.weight.data = module.weight.data.to(store_dtype)
-            module.forward = functools.partial(_frozen_linear_forward, module, recast, outputs)
-            count += 1
-    return count
+    routed = [m for m in model.modules() if type(m) is nn.Linear and not m.weight.requires_grad]
+    # The dtype outputs come back in is the model's own, whatever a weight is then stored in.
+    outputs = {m: m.weight.dtype if full_precision_outputs else None for m in routed}
+    kept = set()
+    if hasattr(model, "get_input_embeddings"):
+        kept = {id(getattr(e, "weight", None)) for e in (model.get_input_embeddings(), model.get_output_embeddings())}
+    for module in routed:
+        if store_dtype is not None and id(module.weight) not in kept:
+            module.weight.data = module.weight.data.to(store_dtype)
+        module.forward = functools.partial(_frozen_linear_forward, module, recast, outputs[module])
+    return len(routed)
 
 
 def _frozen_linear_forward(
@@ -80,7 +81,7 @@ def _frozen_linear_forward(
 
 
 class _FrozenLinear(torch.autograd.Function):
-    """x @ weight.T + bias in `dtype`, as autocast computes it, saving only the float32 weight for backward."""
+    """x @ weight.T + bias in `dtype`, as autocast computes it, saving only the weight itself for backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):

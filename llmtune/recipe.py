@@ -407,6 +407,9 @@ AutoOrBool = Annotated[Union[Literal["auto"], bool], BeforeValidator(_auto_or_bo
 SEQ2SEQ_FORMATS = ("prompt_completion", "instruction")
 # Virtual tokens go in front of every sequence: rows put end to end would share one set.
 PROMPT_LEARNING_METHODS = ("prefix", "prompt", "p-tuning")
+# Methods whose runs save their adapter alone and never read the frozen weights themselves (DoRA's norm does;
+# bottleneck checkpoints hold the whole model): training.frozen_bf16 may store those weights in bf16.
+FROZEN_BF16_METHODS = ("lora", "qlora", "ia3", *PROMPT_LEARNING_METHODS)
 
 ObjectiveSpec = Annotated[
     Union[
@@ -489,8 +492,9 @@ class TrainingSpec(_Spec):
         description="under bf16 autocast, keep frozen linear weights in bfloat16, the values autocast computes "
         "with anyway: the same products without two casts per layer and step, in half the memory. For methods "
         "that save only their adapter (lora, qlora, ia3, prefix, prompt, p-tuning) and objectives that do not "
-        "generate while training (all but grpo). 'auto' = on a GPU; on the CPU the checkpoint's float32 weights "
-        "stay mapped from its file anyway (measured: peak RSS +180-270 MiB on quickstart, no faster)",
+        "generate while training (all but grpo); not under fsdp or deepspeed. 'auto' = on a GPU; on the CPU the "
+        "checkpoint's float32 weights stay mapped from its file anyway (measured: peak RSS +180-270 MiB on "
+        "quickstart, no faster)",
     )
     compact_dropout: bool = Field(
         True,
@@ -576,6 +580,16 @@ class Recipe(_Spec):
         if self.data.padding_free is True and self.objective.name != "sft":
             raise ValueError(
                 f"data.padding_free: only objective sft puts rows end to end; remove it for {self.objective.name}"
+            )
+        if self.training.frozen_bf16 is True and self.method.name not in FROZEN_BF16_METHODS:
+            raise ValueError(
+                f"training.frozen_bf16: method {self.method.name} saves or reads its frozen weights; only "
+                f"{', '.join(FROZEN_BF16_METHODS)} may keep them in bf16; set it to auto or false"
+            )
+        if self.training.frozen_bf16 is True and self.objective.name == "grpo":
+            raise ValueError(
+                "training.frozen_bf16: objective grpo generates between steps, outside autocast; set it to auto or "
+                "false"
             )
         if self.method.name == "prefix" and self.training.gradient_checkpointing:
             raise ValueError(

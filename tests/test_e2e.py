@@ -75,8 +75,9 @@ def probe_batch(tokenizer) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
-    # Padding positions are masked out so only real tokens are compared.
-    return model(**batch).logits.float() * batch["attention_mask"][..., None]
+    # Where the model is (a trained one stays on the GPU of a GPU machine); padding masked out.
+    logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
+    return logits * batch["attention_mask"][..., None]
 
 
 def chat_prompt_ids(text: str, tokenizer) -> list[int]:

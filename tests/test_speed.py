@@ -14,6 +14,7 @@ from conftest import chat_rows, write_jsonl
 
 import llmtune.run
 from llmtune.data import IGNORE_INDEX
+from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
 from llmtune.loss import TargetedLoss
 from llmtune.methods import METHODS
@@ -286,7 +287,9 @@ def test_frozen_weights_stored_in_bf16_give_the_same_numbers_in_half_the_bytes(r
 
     model, tokenizer = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0})
     batch = _batch(tokenizer)
+    head = model.get_output_embeddings()
     frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    blocks = [m for m in frozen if m is not head]
     route_frozen_linears(model, recast=recast)
 
     def run():
@@ -300,10 +303,10 @@ def test_frozen_weights_stored_in_bf16_give_the_same_numbers_in_half_the_bytes(r
         return loss.detach(), grads, plain_logits
 
     loss, grads, logits = run()
-    fp32_bytes = sum(m.weight.nbytes for m in frozen)
-    assert route_frozen_linears(model, recast=recast, store_dtype=torch.bfloat16) == len(frozen) > 0
-    assert {m.weight.dtype for m in frozen} == {torch.bfloat16}
-    assert sum(m.weight.nbytes for m in frozen) * 2 == fp32_bytes
+    fp32_bytes = sum(m.weight.nbytes for m in blocks)
+    assert route_frozen_linears(model, recast=recast, store_dtype=torch.bfloat16) == len(frozen) > len(blocks) > 0
+    assert {m.weight.dtype for m in blocks} == {torch.bfloat16}
+    assert sum(m.weight.nbytes for m in blocks) * 2 == fp32_bytes
     stored_loss, stored_grads, stored_logits = run()
     # Autocast multiplies by these very bf16 values either way: bit for bit the same.
     assert torch.equal(stored_loss, loss)
@@ -315,27 +318,41 @@ def test_frozen_weights_stored_in_bf16_give_the_same_numbers_in_half_the_bytes(r
     assert torch.allclose(stored_logits, logits, rtol=0.05, atol=0.05)
 
 
-def test_a_frozen_weight_shared_with_the_input_embedding_stays_in_float32(one_torch_thread):
+@pytest.mark.parametrize(
+    "ref, targets",
+    [
+        ("tiny:gpt2", {}),  # GPT-2 ties its head to the input embedding
+        ("tiny:llama", {"target_modules": ["q_proj", "lm_head"]}),  # peft saves a targeted head's base weight
+    ],
+    ids=["tied", "targeted-head"],
+)
+def test_the_embeddings_weights_stay_in_float32(ref, targets, one_torch_thread):
     from llmtune.precision import route_frozen_linears
 
-    model, _ = _perturbed_model("tiny:gpt2", {"name": "lora", "r": 4, "dropout": 0.0})
+    model, _ = _perturbed_model(ref, {"name": "lora", "r": 4, "dropout": 0.0, **targets})
     head = model.get_output_embeddings()
-    assert head.weight is model.get_input_embeddings().weight  # GPT-2 ties them
-    route_frozen_linears(model, store_dtype=torch.bfloat16)
-    assert head.weight.dtype == torch.float32
+    routed = route_frozen_linears(model, store_dtype=torch.bfloat16)
+    assert routed > 0 and head.weight.dtype == model.get_input_embeddings().weight.dtype == torch.float32
+    assert head.weight.requires_grad is False
 
 
 @pytest.mark.parametrize(
-    "method, stored",
+    "method",
     [
-        ("lora", True),
-        ("ia3", True),
-        ("dora", False),  # DoRA's norm reads the frozen weight itself
-        ("adapter", False),  # bottleneck checkpoints hold the whole model
-        ("layers", False),  # the run saves the whole model, frozen blocks too
+        "dora",  # its norm reads the frozen weight itself
+        "adapter",  # bottleneck checkpoints hold the whole model
+        "layers",  # the run saves the whole model, frozen blocks too
     ],
 )
-def test_frozen_bf16_applies_where_the_run_saves_no_frozen_weight(method, stored, make_recipe, monkeypatch):
+def test_frozen_bf16_true_is_refused_where_the_run_saves_or_reads_frozen_weights(method, make_recipe):
+    with pytest.raises(LLMTuneError, match=f"training.frozen_bf16: method {method} saves or reads"):
+        load_recipe(make_recipe(method={"name": method}, training={"frozen_bf16": True}))
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_training(
+    method, make_recipe, monkeypatch
+):
     trainers = []
 
     def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
@@ -346,10 +363,11 @@ def test_frozen_bf16_applies_where_the_run_saves_no_frozen_weight(method, stored
     training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True, "frozen_bf16": True}
     run = finetune(make_recipe(method={"name": method}, training=training)).run
     model = trainers[0].model
-    frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
-    assert frozen
-    assert {m.weight.dtype for m in frozen} == {torch.bfloat16 if stored else torch.float32}
-    if stored:
+    head = model.get_output_embeddings()
+    blocks = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad and m is not head]
+    assert blocks
+    assert {m.weight.dtype for m in blocks} == {torch.bfloat16}
+    if not torch.cuda.is_available():  # compared as training ran, on the CPU
         # The saved adapter over the float32 base from its checkpoint computes under autocast exactly what
         # training computed.
         from llmtune.attention import use_segmented_attention
@@ -371,10 +389,13 @@ def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while
     quickstart, grpo = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "grpo.yaml")
     assert quickstart.training.frozen_bf16 == grpo.training.frozen_bf16 == "auto"
     assert grpo.method.name == quickstart.method.name == "lora"
+    dora = load_recipe(recipes / "dora.yaml")
     for gpu in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
         assert _frozen_bf16(quickstart) is gpu
-        assert _frozen_bf16(grpo) is False
+        assert _frozen_bf16(grpo) is _frozen_bf16(dora) is False
+    with pytest.raises(LLMTuneError, match="training.frozen_bf16: objective grpo generates between steps"):
+        load_recipe(recipes / "grpo.yaml", ["training.frozen_bf16=true"])
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
