@@ -457,6 +457,7 @@ def complete(
     system_prompt = None
     if is_run_dir(path):
         model, tokenizer = load_tuned(path)
+        model = on_accelerator(model)
         recipe = load_recipe(path / artifacts.RECIPE_FILE)
         if recipe.objective.name == "classify":
             return classify_text(model, tokenizer, prompt, recipe)
@@ -471,7 +472,7 @@ def complete(
     else:
         tokenizer = load_tokenizer(target)
         kind = checkpoint_kind(target)
-        model = load_model(target, kind=kind)
+        model = on_accelerator(load_model(target, kind=kind))
         # An encoder-decoder reads plain source text, as objective seq2seq trained it.
         use_template = bool(tokenizer.chat_template) and kind == "causal-lm"
     if raw or not use_template:
@@ -479,7 +480,6 @@ def complete(
     else:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         sample = Sample(messages=[*system, {"role": "user", "content": prompt}])
-    model = on_accelerator(model)
     torch.manual_seed(seed)
     prompt_ids = encode_prompt(sample, tokenizer, is_encoder_decoder(model))
     [text] = generate_texts(model, tokenizer, [prompt_ids], max_new_tokens, 1, temperature, top_k, top_p)
