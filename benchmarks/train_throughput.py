@@ -284,6 +284,7 @@ def _lever_settings(result) -> dict:
         "compact_dropout",
         "cpu_float32_attention",
         "fused_loss",
+        "fused_blocks",
         "group_by_length",
     )
     return {"padding_free": result.run.recipe().data.padding_free, **{name: getattr(t, name) for name in levers}}

@@ -17,13 +17,18 @@ from torch import nn
 
 from llmtune.data import IGNORE_INDEX
 
+_CHUNK_BYTES = 24 << 20
+
 
 class TargetedLoss:
     """Per-batch loss for a causal LM that applies the output head only where a label is set."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
         self.head = model.get_output_embeddings()
-        self.chunk_size = chunk_size
+        # Chunks whose float32 logits stay under glibc's largest mmap threshold (32 MiB) reuse freed heap memory;
+        # larger ones are mapped afresh and page-faulted in on every chunk (SmolLM2, 1,024 rows of loss on the
+        # CPU: 0.61-0.65 s forward and backward at 1,024 rows a chunk, 0.50-0.55 s at 128).
+        self.chunk_size = chunk_size or max(16, _CHUNK_BYTES // (4 * self.head.weight.size(0)))
         self._capture = False
         self._hidden: torch.Tensor | None = None
         self.head.register_forward_pre_hook(self._take_hidden_states)

@@ -19,6 +19,7 @@ from transformers import Trainer
 from llmtune.attention import attends_per_row, use_segmented_attention
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
+from llmtune.fused import fuse_blocks
 from llmtune.loss import TargetedLoss
 from llmtune.precision import compact_dropouts, route_frozen_linears
 from llmtune.recipe import FROZEN_BF16_METHODS, PROMPT_LEARNING_METHODS, Recipe
@@ -170,7 +171,8 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
     t = recipe.training
     store = torch.bfloat16 if _frozen_bf16(recipe) else None
     # Sharding engines own the weights outside the forward pass, so layers keep their own forward there.
-    if args.bf16 and (t.recast_frozen or t.full_precision_outputs or store) and not (t.fsdp or t.deepspeed):
+    sharded = t.fsdp or t.deepspeed
+    if args.bf16 and (t.recast_frozen or t.full_precision_outputs or store) and not sharded:
         route_frozen_linears(model, t.recast_frozen, t.full_precision_outputs, store_dtype=store)
     if t.compact_dropout and not torch.cuda.is_available():  # CUDA's fused dropout already keeps a boolean mask
         compact_dropouts(model)
@@ -183,6 +185,8 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(dtype)
+    if t.fused_blocks and not sharded:  # last: its check runs each block as it will train
+        fuse_blocks(model)
     return trainer
 
 

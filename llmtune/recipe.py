@@ -512,6 +512,13 @@ class TrainingSpec(_Spec):
         description="apply the output head only at loss-bearing positions, a chunk at a time, with its gradient "
         "computed in the same pass: the logits of prompt and padding tokens are never made",
     )
+    fused_blocks: bool = Field(
+        True,
+        description="Llama-style RMSNorm and SwiGLU MLP as single autograd functions: the MLP keeps two of its "
+        "three intermediate-size activations for backward (computing silu(gate) again), the norm one pass in "
+        "place of eight; only where a module's fused forward reproduces its own bit for bit; not under fsdp or "
+        "deepspeed",
+    )
     group_by_length: bool = Field(
         False,
         description="draw batches of rows of similar length (sorted within random groups of up to 50 batches): "

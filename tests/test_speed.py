@@ -204,6 +204,7 @@ def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
                 "logging_steps": 1,
                 "bf16": fast,
                 "fused_loss": fast,
+                "fused_blocks": fast,
                 "group_by_length": False,
             },
         )
@@ -485,3 +486,96 @@ def test_full_precision_outputs_keep_a_small_adapter_delta_that_a_bf16_sum_round
     assert (rounded - exact).abs().mean() > 0.8 * exact.abs().mean()
     # Added in float32, only the delta's own bf16 product error is left.
     assert (kept - exact).abs().mean() < 0.02 * exact.abs().mean()
+
+
+def _intermediate_bytes_saved(model, fn, width: int) -> tuple[torch.Tensor, int]:
+    """The loss of `fn()` and the bytes of the tensors of last dimension `width` autograd saved for backward."""
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        if t.dim() and t.size(-1) == width:
+            saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    return loss, saved
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "lora", "r": 4, "dropout": 0.0}, {"name": "full"}],  # full: the norms' weights train as well
+    ids=["lora", "full"],
+)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_blocks_keep_loss_and_gradients_and_one_intermediate_tensor_less(method, autocast, one_torch_thread):
+    from llmtune.fused import fuse_blocks
+
+    model, tokenizer = _perturbed_model("tiny:llama", method)
+    batch = _batch(tokenizer)
+    config = model.config
+    tokens = batch["input_ids"].numel()
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, saved = _intermediate_bytes_saved(model, lambda: _plain_loss(model, batch), config.intermediate_size)
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, saved, grads = run()
+    rng = torch.get_rng_state()
+    # Two norms per layer and the final one; one MLP per layer.
+    assert fuse_blocks(model) == 3 * config.num_hidden_layers + 1
+    assert torch.equal(torch.get_rng_state(), rng)  # the check leaves the training run's random stream alone
+    fused_loss, fused_saved, fused_grads = run()
+    # The same forward operations; backward's formulas differ from autograd's in rounding only: float32's, or
+    # under autocast, where the MLP's inputs are bf16, the bf16 roundings autograd makes between its steps.
+    assert fused_loss == loss
+    assert grads.keys() == fused_grads.keys()
+    for name, grad in grads.items():
+        if autocast:
+            assert (fused_grads[name] - grad).norm() <= 1e-2 * grad.norm(), name
+        else:
+            assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    # Per layer, silu(gate) is no longer kept: one intermediate-size tensor in the projections' output dtype.
+    itemsize = 2 if autocast else 4
+    assert saved - fused_saved == config.num_hidden_layers * tokens * config.intermediate_size * itemsize
+
+
+@pytest.mark.parametrize("ref, kind, looks_alike", [("tiny:t5", "seq2seq-lm", True), ("tiny:gpt2", "causal-lm", False)])
+def test_blocks_that_compute_otherwise_keep_their_forward(ref, kind, looks_alike):
+    from llmtune.fused import _fused_forward, fuse_blocks
+
+    # T5's norm has Llama's attributes and matches it on float32 inputs, not on bf16 ones; GPT-2 has LayerNorm
+    # and a GELU MLP.
+    model = load_model(ref, kind=kind)
+    assert any(_fused_forward(m) for m in model.modules()) is looks_alike
+    assert fuse_blocks(model) == 0
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_a_swiglu_look_alike_with_another_activation_keeps_its_forward(one_torch_thread):
+    from llmtune.fused import fuse_blocks
+
+    model = load_model("tiny:llama")
+    odd = model.model.layers[1].mlp
+    odd.act_fn = torch.nn.GELU()
+    batch = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = model(input_ids=batch).logits
+        assert fuse_blocks(model) == 3 * model.config.num_hidden_layers + 1 - 1
+        assert "forward" not in vars(odd) and "forward" in vars(model.model.layers[0].mlp)
+        assert torch.equal(model(input_ids=batch).logits, before)
+
+
+def test_blocks_with_dropout_are_fused_in_training_mode(one_torch_thread):
+    from llmtune.fused import fuse_blocks
+    from llmtune.precision import compact_dropouts
+
+    # The check calls each MLP twice; its LoRA dropout must draw the same masks both times.
+    model, _ = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.3})
+    model.train()
+    assert compact_dropouts(model) > 0
+    assert fuse_blocks(model) == 3 * model.config.num_hidden_layers + 1
