@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -217,20 +218,25 @@ def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
     assert curves["fast"] != curves["plain"]
 
 
-def _saved_bytes_outside_parameters(model, fn) -> tuple[float, int]:
-    """The loss of `fn()` and the bytes autograd saved for backward that are not the model's own parameters."""
-    own = {p.data_ptr() for p in model.parameters()}
+def _saved_bytes(fn, counted) -> tuple[Any, int]:
+    """The result of `fn()` and the bytes of the tensors autograd saved for backward that `counted` selects."""
     saved = 0
 
     def pack(t):
         nonlocal saved
-        if t.data_ptr() not in own:
+        if counted(t):
             saved += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
-    return loss, saved
+        result = fn()
+    return result, saved
+
+
+def _saved_bytes_outside_parameters(model, fn) -> tuple[float, int]:
+    """The loss of `fn()` and the bytes autograd saved for backward that are not the model's own parameters."""
+    own = {p.data_ptr() for p in model.parameters()}
+    return _saved_bytes(fn, lambda t: t.data_ptr() not in own)
 
 
 @pytest.mark.parametrize(
@@ -488,21 +494,6 @@ def test_full_precision_outputs_keep_a_small_adapter_delta_that_a_bf16_sum_round
     assert (kept - exact).abs().mean() < 0.02 * exact.abs().mean()
 
 
-def _intermediate_bytes_saved(model, fn, width: int) -> tuple[torch.Tensor, int]:
-    """The loss of `fn()` and the bytes of the tensors of last dimension `width` autograd saved for backward."""
-    saved = 0
-
-    def pack(t):
-        nonlocal saved
-        if t.dim() and t.size(-1) == width:
-            saved += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
-    return loss, saved
-
-
 @pytest.mark.parametrize(
     "method",
     [{"name": "lora", "r": 4, "dropout": 0.0}, {"name": "full"}],  # full: the norms' weights train as well
@@ -519,7 +510,9 @@ def test_fused_blocks_keep_loss_and_gradients_and_one_intermediate_tensor_less(m
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, saved = _intermediate_bytes_saved(model, lambda: _plain_loss(model, batch), config.intermediate_size)
+            loss, saved = _saved_bytes(  # the tensors of the MLP's intermediate width
+                lambda: _plain_loss(model, batch), lambda t: t.dim() > 0 and t.size(-1) == config.intermediate_size
+            )
         model.zero_grad()
         loss.backward()
         return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
