@@ -63,28 +63,30 @@ def _reproduces(module: nn.Module, fused) -> bool:
     if not isinstance(width, int) or not dtypes:
         return False
     device = next(module.parameters()).device
-    generator = torch.Generator(device).manual_seed(0)
     for dtype in dtypes:
-        # An input that needs a gradient, as in training: shown one that does not, bitsandbytes repacks a 4-bit
-        # weight on the CPU into an inference layout that passes no gradient back.
-        x = torch.randn(2, 3, width, device=device, generator=generator).to(dtype).requires_grad_()
-        outputs = []
-        # The same dropout masks in both calls, and the training run's random stream left as it was.
-        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for forward in (module.forward, types.MethodType(fused, module)):
-                torch.manual_seed(0)
-                try:
-                    outputs.append(forward(x).detach())
-                except (
-                    AttributeError,
-                    RuntimeError,
-                    TypeError,
-                    ValueError,
-                ):  # not a forward of this shape: keep it as it is
-                    return False
+        try:
+            outputs = _both_outputs(module, fused, width, dtype, device)
+        # Not a forward for an input of this shape or kind, or weights not in memory: the module keeps its own.
+        except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError):
+            return False
         if not torch.equal(*outputs):
             return False
     return True
+
+
+def _both_outputs(module: nn.Module, fused, width: int, dtype: torch.dtype, device: torch.device) -> list:
+    """`module`'s own output and the fused forward's, for one random input of `width` features."""
+    generator = torch.Generator(device).manual_seed(0)
+    # An input that needs a gradient, as in training: shown one that does not, bitsandbytes repacks a 4-bit
+    # weight on the CPU into an inference layout that passes no gradient back.
+    x = torch.randn(2, 3, width, device=device, generator=generator).to(dtype).requires_grad_()
+    outputs = []
+    # The same dropout masks in both calls, and the training run's random stream left as it was.
+    with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for forward in (module.forward, types.MethodType(fused, module)):
+            torch.manual_seed(0)
+            outputs.append(forward(x).detach())
+    return outputs
 
 
 class _RMSNorm(torch.autograd.Function):
