@@ -6,13 +6,15 @@ first two suffice, silu being cheap to compute again. `_SwiGLU` keeps those two:
 97 of the 757 MiB of activations autograd keeps. An RMSNorm is eight autograd nodes, each a pass over the
 hidden states in forward and again in backward; `_RMSNorm` is one, keeping the input and one float per token.
 
-A module is switched only where its new forward reproduces its own bit for bit on a random input: the same
-operations in the same order. Anything else keeps its forward (Gemma's norm scales by 1 + weight; GELU MLPs).
+A module is switched only where its new forward reproduces its own bit for bit on random inputs, small and
+large: the same operations in the same order. Anything else keeps its forward (Gemma's norm scales by
+1 + weight; gated norms take a second input; GELU MLPs; MLPs that clamp).
 """
 
 from __future__ import annotations
 
-import types
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -25,7 +27,7 @@ def fuse_blocks(model: nn.Module) -> int:
     for module in model.modules():
         fused = _fused_forward(module)
         if fused is not None and _reproduces(module, fused):
-            module.forward = types.MethodType(fused, module)
+            module.forward = functools.partial(fused, module)
             count += 1
     return count
 
@@ -40,6 +42,9 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _fused_forward(module: nn.Module):
     """The fused forward `module` looks made for, judged by its attributes, or None."""
+    # Gated norms (Mamba hybrids) take a second input that a one-input probe would never pass.
+    if len(inspect.signature(module.forward).parameters) != 1:
+        return None
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(eps, float):
         return _rms_norm_forward
@@ -58,14 +63,17 @@ def _reproduces(module: nn.Module, fused) -> bool:
         width, dtypes = module.weight.size(0), {module.weight.dtype, torch.bfloat16}
     else:
         width = getattr(module.gate_proj, "in_features", None)
-        floats = {p.dtype for p in module.parameters() if p.is_floating_point()}
-        dtypes = floats if len(floats) == 1 else set()  # the input's dtype is the weights' where they agree
+        # The hidden states come in the trained weights' dtype (frozen ones may be stored in bf16).
+        floats = [p for p in module.parameters() if p.is_floating_point()]
+        trained = {p.dtype for p in floats if p.requires_grad} or {p.dtype for p in floats}
+        dtypes = trained if len(trained) == 1 else set()
     if not isinstance(width, int) or not dtypes:
         return False
     device = next(module.parameters()).device
-    for dtype in dtypes:
+    # Large inputs as well: an MLP that clamps its activations (some do) agrees with the plain one below the limit.
+    for dtype, scale in ((dtype, scale) for dtype in dtypes for scale in (1.0, 1e3)):
         try:
-            outputs = _both_outputs(module, fused, width, dtype, device)
+            outputs = _both_outputs(module, fused, width, dtype, scale, device)
         # Not a forward for an input of this shape or kind, or weights not in memory: the module keeps its own.
         except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError):
             return False
@@ -74,17 +82,20 @@ def _reproduces(module: nn.Module, fused) -> bool:
     return True
 
 
-def _both_outputs(module: nn.Module, fused, width: int, dtype: torch.dtype, device: torch.device) -> list:
+def _both_outputs(module: nn.Module, fused, width: int, dtype: torch.dtype, scale: float, device: torch.device):
     """`module`'s own output and the fused forward's, for one random input of `width` features."""
     generator = torch.Generator(device).manual_seed(0)
     # An input that needs a gradient, as in training: shown one that does not, bitsandbytes repacks a 4-bit
     # weight on the CPU into an inference layout that passes no gradient back.
-    x = torch.randn(2, 3, width, device=device, generator=generator).to(dtype).requires_grad_()
+    x = (torch.randn(2, 3, width, device=device, generator=generator) * scale).to(dtype).requires_grad_()
+    accelerator = [] if device.type == "cpu" else [device]
     outputs = []
-    # The same dropout masks in both calls, and the training run's random stream left as it was.
-    with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for forward in (module.forward, types.MethodType(fused, module)):
-            torch.manual_seed(0)
+    for forward in (module.forward, functools.partial(fused, module)):
+        # Both calls draw the same dropout masks, and the training run's random streams stay as they were.
+        with (
+            torch.enable_grad(),
+            torch.random.fork_rng(accelerator, device_type=device.type if accelerator else "cuda"),
+        ):
             outputs.append(forward(x).detach())
     return outputs
 

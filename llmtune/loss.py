@@ -17,7 +17,7 @@ from torch import nn
 
 from llmtune.data import IGNORE_INDEX
 
-_CHUNK_BYTES = 24 << 20
+_CHUNK_BYTES, _CHUNK_ROWS = 24 << 20, 1024
 
 
 class TargetedLoss:
@@ -25,10 +25,7 @@ class TargetedLoss:
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
         self.head = model.get_output_embeddings()
-        # Chunks whose float32 logits stay under glibc's largest mmap threshold (32 MiB) reuse freed heap memory;
-        # larger ones are mapped afresh and page-faulted in on every chunk (SmolLM2, 1,024 rows of loss on the
-        # CPU: 0.61-0.65 s forward and backward at 1,024 rows a chunk, 0.50-0.55 s at 128).
-        self.chunk_size = chunk_size or max(16, _CHUNK_BYTES // (4 * self.head.weight.size(0)))
+        self.chunk_size = chunk_size
         self._capture = False
         self._hidden: torch.Tensor | None = None
         self.head.register_forward_pre_hook(self._take_hidden_states)
@@ -60,9 +57,22 @@ class TargetedLoss:
             # A padding-free pack: the last token of one row must not predict the first token of the next.
             keep &= inputs["position_ids"][:, 1:] != 0
         states, targets = hidden[:, :-1][keep], targets[keep]
-        total = _summed_nll(self.head, states, targets, self.chunk_size)
+        total = _summed_nll(self.head, states, targets, self.chunk_size or self._chunk_rows(states))
         count = keep.sum() if num_items is None else num_items
         return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+    def _chunk_rows(self, states: torch.Tensor) -> int:
+        """Rows a chunk: on the CPU, with a frozen head, few enough that their float32 logits stay under glibc's
+        largest mmap threshold (32 MiB) and reuse freed heap memory; larger blocks are mapped afresh and
+        page-faulted in on every chunk (SmolLM2, 1,000 rows of loss: 0.61-0.65 s forward and backward at 1,024
+        rows a chunk, 0.50-0.55 s at 128). A trained head's gradient is vocabulary-sized whatever the chunk,
+        and a GPU wants large matmuls."""
+        vocab = getattr(self.head, "out_features", None)
+        weight = getattr(self.head, "weight", None)
+        trained = weight is not None and weight.requires_grad
+        if states.device.type != "cpu" or trained or not isinstance(vocab, int):
+            return _CHUNK_ROWS
+        return max(16, min(_CHUNK_ROWS, _CHUNK_BYTES // (4 * vocab)))
 
 
 def _summed_nll(head: nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:

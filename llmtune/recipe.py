@@ -516,8 +516,8 @@ class TrainingSpec(_Spec):
         True,
         description="Llama-style RMSNorm and SwiGLU MLP as single autograd functions: the MLP keeps two of its "
         "three intermediate-size activations for backward (computing silu(gate) again), the norm one autograd "
-        "node in place of eight; only where a module's fused forward reproduces its own bit for bit; not under fsdp or "
-        "deepspeed",
+        "node in place of eight; only where a module's fused forward reproduces its own bit for bit on random "
+        "inputs; not under fsdp or deepspeed",
     )
     group_by_length: bool = Field(
         False,

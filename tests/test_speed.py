@@ -572,3 +572,42 @@ def test_blocks_with_dropout_are_fused_in_training_mode(one_torch_thread):
     model.train()
     assert compact_dropouts(model) > 0
     assert fuse_blocks(model) == 3 * model.config.num_hidden_layers + 1
+
+
+def test_gated_norms_and_clamping_mlps_keep_their_forward(one_torch_thread):
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    from llmtune.fused import fuse_blocks
+
+    class GatedNorm(LlamaRMSNorm):  # Mamba hybrids: a second input that a one-input probe never passes
+        def forward(self, hidden_states, gate=None):
+            out = super().forward(hidden_states)
+            return out if gate is None else out * torch.nn.functional.silu(gate)
+
+    class ClampingMLP(LlamaMLP):  # agrees with the plain MLP until its activations reach the limit
+        def forward(self, x):
+            gate = self.act_fn(self.gate_proj(x)).clamp(max=10.0)
+            return self.down_proj(gate * self.up_proj(x).clamp(-10.0, 10.0))
+
+    model = load_model("tiny:llama")
+    layer = model.model.layers[0]
+    layer.input_layernorm = GatedNorm(model.config.hidden_size)
+    clamping = ClampingMLP(model.config)
+    clamping.load_state_dict(layer.mlp.state_dict())
+    layer.mlp = clamping
+    assert fuse_blocks(model) == 3 * model.config.num_hidden_layers + 1 - 2
+    assert "forward" not in vars(layer.input_layernorm) and "forward" not in vars(layer.mlp)
+
+
+@pytest.mark.parametrize("trained_head, rows", [(False, 128), (True, 1024)])
+def test_loss_chunks_stay_under_the_mmap_threshold_on_the_cpu_for_a_frozen_head(trained_head, rows):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 49152, bias=False).requires_grad_(trained_head)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    # 128 rows of 49,152 float32 logits: 24 MiB. A trained head's vocabulary-sized gradient gains nothing.
+    assert TargetedLoss(Model())._chunk_rows(torch.zeros(3, 8)) == rows
