@@ -41,16 +41,16 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_forward(module: nn.Module):
-    """The fused forward `module` looks made for, judged by its attributes, or None."""
-    # Gated norms (Mamba hybrids) take a second input that a one-input probe would never pass.
-    if len(inspect.signature(module.forward).parameters) != 1:
-        return None
+    """The fused forward `module` looks made for, judged by its attributes and its forward's inputs, or None."""
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(eps, float):
-        return _rms_norm_forward
-    if all(isinstance(getattr(module, name, None), nn.Module) for name in _MLP_PARTS):
-        return _swiglu_forward
-    return None
+        fused = _rms_norm_forward
+    elif all(isinstance(getattr(module, name, None), nn.Module) for name in _MLP_PARTS):
+        fused = _swiglu_forward
+    else:
+        return None
+    # Gated norms (Mamba hybrids) take a second input that a one-input probe would never pass.
+    return fused if len(inspect.signature(module.forward).parameters) == 1 else None
 
 
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
