@@ -23,7 +23,7 @@ from llmtune.fused import fuse_blocks
 from llmtune.loss import TargetedLoss
 from llmtune.precision import compact_dropouts, route_frozen_linears
 from llmtune.recipe import FROZEN_BF16_METHODS, PROMPT_LEARNING_METHODS, Recipe
-from llmtune.training import guarded, use_bf16
+from llmtune.training import guarded, use_bf16, use_gradient_checkpointing
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -67,7 +67,7 @@ def training_args(config_class: type, recipe: Recipe, output_dir: Path, **fields
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=use_gradient_checkpointing(recipe),
         # Sharding engines are accelerate's; the recipe only names their settings.
         fsdp=True if t.fsdp else None,
         fsdp_config=t.fsdp_config or None,

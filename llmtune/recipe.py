@@ -525,7 +525,15 @@ class TrainingSpec(_Spec):
         "less padding, but each step then weighs short and long rows differently (measured: held-out loss 9-12% "
         "worse after 20 steps on rows of 50-512 tokens), so off by default",
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: AutoOrBool = Field(
+        "auto",
+        description="recompute each layer's activations in backward instead of keeping them from forward: one more "
+        "forward pass per step for one hidden state per layer in place of all of a layer's activations. 'auto' = on "
+        "a GPU, where activations decide the peak of allocated memory (TRL's and LLaMA-Factory's default too), "
+        "except for prefix tuning and under FSDP's own activation_checkpointing; off on the CPU, where the process "
+        "already stays below a checkpointed TRL baseline without it (measured with it, 20 steps: quickstart 50.0 -> "
+        "31.0 trained tokens/s, peak RSS 2,233 -> 1,639 MiB; rows of 50-512 tokens 95.2 -> 76.0, 7,948 -> 4,055 MiB)",
+    )
     save_steps: int | None = Field(
         50, gt=0, description="checkpoint every N optimizer steps (and at the end); null: only at the end"
     )
@@ -537,6 +545,13 @@ class TrainingSpec(_Spec):
         default_factory=lambda: ["tensorboard"],
         description="experiment trackers; TensorBoard event files go to RUN/tensorboard",
     )
+
+    @property
+    def fsdp_checkpoints(self) -> bool:
+        """Whether FSDP runs its own activation checkpointing (transformers reads the key with or without the
+        'fsdp_' prefix)."""
+        config = self.fsdp_config
+        return self.fsdp and bool(config.get("activation_checkpointing") or config.get("fsdp_activation_checkpointing"))
 
 
 METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")
@@ -598,10 +613,16 @@ class Recipe(_Spec):
                 "training.frozen_bf16: objective grpo generates between steps, outside autocast; set it to auto or "
                 "false"
             )
-        if self.method.name == "prefix" and self.training.gradient_checkpointing:
+        t = self.training
+        if t.gradient_checkpointing is True and t.fsdp_checkpoints:
+            raise ValueError(
+                "training.gradient_checkpointing: training.fsdp_config.activation_checkpointing already checkpoints "
+                "each layer; set one of them to false (gradient_checkpointing may stay auto)"
+            )
+        if self.method.name == "prefix" and t.gradient_checkpointing is True:
             raise ValueError(
                 "training.gradient_checkpointing: prefix tuning feeds its prefixes through the key/value cache, "
-                "which gradient checkpointing switches off; set it to false"
+                "which gradient checkpointing switches off; set it to auto or false"
             )
         return self
 

@@ -213,6 +213,17 @@ def use_bf16(recipe: Recipe) -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def use_gradient_checkpointing(recipe: Recipe) -> bool:
+    """Whether to recompute activations in backward, resolving `training.gradient_checkpointing: auto`."""
+    t = recipe.training
+    if t.gradient_checkpointing != "auto":
+        return t.gradient_checkpointing
+    # Prefixes travel in the key/value cache, which checkpointing switches off; FSDP checkpoints on its own.
+    if recipe.method.name == "prefix" or t.fsdp_checkpoints:
+        return False
+    return torch.cuda.is_available()
+
+
 def guarded(trainer_class: type[Trainer]) -> type[Trainer]:
     """`trainer_class` with llmtune's checkpointing and guards."""
     return type(f"Guarded{trainer_class.__name__}", (GuardedTrainerMixin, trainer_class), {})

@@ -348,6 +348,12 @@ RECIPE_ERRORS = [
         ["training.gradient_checkpointing", "prefix"],
         id="prefix-with-gradient-checkpointing",
     ),
+    pytest.param(
+        {"name": "lora"},
+        {"gradient_checkpointing": True, "fsdp": True, "fsdp_config": {"fsdp_activation_checkpointing": True}},
+        ["training.gradient_checkpointing", "fsdp_config.activation_checkpointing", "auto"],
+        id="gradient-checkpointing-twice-under-fsdp",
+    ),
     pytest.param({"name": "layers", "pattern": "("}, {}, ["pattern", "regex"], id="layers-bad-regex"),
     pytest.param(
         {"name": "adapter", "reduction_factor": 0}, {}, ["method.reduction_factor", "greater than 0"], id="adapter-rf-0"

@@ -5,6 +5,7 @@ cuts padding; and a finetune with every lever on follows the same loss curve as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,31 @@ def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while
         assert _frozen_bf16(grpo) is _frozen_bf16(dora) is False
     with pytest.raises(LLMTuneError, match="training.frozen_bf16: objective grpo generates between steps"):
         load_recipe(recipes / "grpo.yaml", ["training.frozen_bf16=true"])
+
+
+def test_gradient_checkpointing_auto_is_on_a_gpu_unless_prefixes_or_fsdp_checkpoint(monkeypatch, tmp_path):
+    from trl import SFTConfig
+
+    from llmtune.objectives import training_args
+    from llmtune.training import use_gradient_checkpointing
+
+    recipes = Path(__file__).parents[1] / "recipes"
+    quickstart, prefix = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "prefix.yaml")
+    sharded = load_recipe(recipes / "quickstart.yaml", ["training.fsdp=true"])
+    assert quickstart.training.gradient_checkpointing == prefix.training.gradient_checkpointing == "auto"
+    # TRL's own default is on; on this CPU the resolved value must reach the trainer's arguments.
+    assert next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "gradient_checkpointing") is True
+    assert training_args(SFTConfig, quickstart, tmp_path).gradient_checkpointing is False
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert use_gradient_checkpointing(quickstart) is use_gradient_checkpointing(sharded) is gpu
+        assert use_gradient_checkpointing(prefix) is False
+        for key in ("activation_checkpointing", "fsdp_activation_checkpointing"):
+            sharded.training.fsdp_config = {key: True}
+            assert use_gradient_checkpointing(sharded) is False
+        sharded.training.fsdp_config = {}
+    forced = load_recipe(recipes / "quickstart.yaml", ["training.gradient_checkpointing=true"])
+    assert use_gradient_checkpointing(forced) is True
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
