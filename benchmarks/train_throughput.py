@@ -29,6 +29,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import platform
 import random
 import resource
 import subprocess
@@ -285,6 +286,7 @@ def _lever_settings(result) -> dict:
         "cpu_float32_attention",
         "fused_loss",
         "fused_blocks",
+        "fused_lora",
         "group_by_length",
     )
     return {"padding_free": result.run.recipe().data.padding_free, **{name: getattr(t, name) for name in levers}}
@@ -360,6 +362,16 @@ def measure_matmul_peak(dtype_name: str, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _cpu_model() -> str:
+    """The CPU's model name as Linux reports it; machines of one name can differ widely in bf16 units."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def model_flops(report: dict) -> float:
     """FLOPs the LoRA step needs for the tokens this side trained on, whatever it computed beyond them.
 
@@ -432,7 +444,11 @@ def main() -> None:
     import torch
 
     peaks = {dtype: round(measure_matmul_peak(dtype), 1) for dtype in ("float32", "bfloat16")}
-    machine = {"cpu_threads": torch.get_num_threads(), "matmul_peak_gflops": peaks}
+    machine = {"cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(), "matmul_peak_gflops": peaks}
+    if torch.cpu._is_amx_tile_supported():  # bf16 matrix tiles: a bf16 peak several times the float32 one
+        machine["cpu_bf16_units"] = "amx"
+    elif torch.cpu._is_avx512_bf16_supported():
+        machine["cpu_bf16_units"] = "avx512_bf16"
     if torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name()
     results = {

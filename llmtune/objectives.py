@@ -21,7 +21,7 @@ from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.fused import fuse_blocks
 from llmtune.loss import TargetedLoss
-from llmtune.precision import compact_dropouts, route_frozen_linears
+from llmtune.precision import compact_dropouts, fuse_lora_layers, route_frozen_linears
 from llmtune.recipe import FROZEN_BF16_METHODS, PROMPT_LEARNING_METHODS, Recipe
 from llmtune.training import guarded, use_bf16, use_gradient_checkpointing
 
@@ -176,6 +176,8 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
         route_frozen_linears(model, t.recast_frozen, t.full_precision_outputs, store_dtype=store)
     if t.compact_dropout and not torch.cuda.is_available():  # CUDA's fused dropout already keeps a boolean mask
         compact_dropouts(model)
+    if args.bf16 and not sharded and (not torch.cuda.is_available() if t.fused_lora == "auto" else t.fused_lora):
+        fuse_lora_layers(model, t.recast_frozen, t.full_precision_outputs)
     # CUDA's bf16 attention kernels are the fast ones.
     use_segmented_attention(model, float32=args.bf16 and t.cpu_float32_attention and not torch.cuda.is_available())
     if recipe.method.name == "qlora":

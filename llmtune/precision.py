@@ -124,12 +124,12 @@ class _BooleanMaskDropout(torch.autograd.Function):
         keep, p = _keep_mask(x, p)
         ctx.save_for_backward(keep)
         ctx.p = p
-        return x * _scale(keep, x.dtype, p)
+        return _dropped(x, keep, p)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad * _scale(keep, grad.dtype, ctx.p), None
+        return _dropped(grad, keep, ctx.p), None
 
 
 _LANE = 1 << 15
@@ -148,5 +148,116 @@ def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return lanes >= threshold, threshold / _LANE
 
 
-def _scale(keep: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
-    return keep.to(dtype).div_(1 - p)
+def _dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    # Two passes, not x * keep.to(dtype).div_(1 - p)'s three, and the scale is not rounded to x's dtype first
+    # (bf16 would make 1 / (1 - 0.05) 1.0547).
+    return torch.where(keep, x, 0).mul_(1 / (1 - p))
+
+
+def fuse_lora_layers(model: nn.Module, recast: bool = True, full_precision_outputs: bool = True) -> int:
+    """Route every peft LoRA `Linear` over a frozen `nn.Linear` through `_LoraLinear` under autocast; returns how
+    many were routed.
+
+    peft computes base(x) + lora_B(lora_A(dropout(x))) * scaling as a dozen autograd nodes, each a pass over the
+    layer's input or output: the dropout's mask and scale, autocast's casts of the dropped input, the bf16 delta,
+    its scaling, and the sum promoted to float32, and their mirror images in backward. `_LoraLinear` casts the
+    input once, applies the mask to that bf16 copy, folds dropout's scale into the adapter's, and adds the delta
+    to the frozen product inside one float32 matmul: four passes over the input and four over the output fewer
+    per layer. `recast` and `full_precision_outputs` mean what they mean for `route_frozen_linears`; dropout
+    masks are drawn as `compact_dropouts` draws them. Anything else (adapters disabled or merged, DoRA, several
+    active adapters, a quantized or trained base, no autocast) keeps peft's own forward.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and type(module.base_layer) is nn.Linear:
+            module.forward = functools.partial(_lora_forward, module, recast, full_precision_outputs)
+            count += 1
+    return count
+
+
+def _lora_forward(self: nn.Module, recast: bool, full_precision_outputs: bool, x: torch.Tensor, *args, **kwargs):
+    name = None if args or kwargs else _plain_adapter(self, x)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base, dropout = self.base_layer, self.lora_dropout[name]
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    dtype = torch.get_autocast_dtype(x.device.type)
+    output_dtype = lora_a.dtype if full_precision_outputs else dtype
+    return _LoraLinear.apply(
+        x, base.weight, base.bias, lora_a, lora_b, self.scaling[name], p, dtype, output_dtype, recast
+    )
+
+
+def _plain_adapter(self: nn.Module, x: torch.Tensor) -> str | None:
+    """The one active adapter of LoRA layer `self` if `_LoraLinear` computes exactly what peft would, else None."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or self.disable_adapters or self.merged:
+        return None
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if len(active) != 1 or active[0] in self.lora_variant:  # DoRA and other variants have their own forward
+        return None
+    name = active[0]
+    base, lora_a, lora_b, dropout = self.base_layer, self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    plain = type(lora_a) is type(lora_b) is nn.Linear and lora_a.bias is None and lora_b.bias is None
+    drops = type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.inplace)
+    return name if frozen and plain and drops and base.weight.device == x.device else None
+
+
+class _LoraLinear(torch.autograd.Function):
+    """x @ W.T + bias + scaling * dropout(x) @ A.T @ B.T, the frozen product in `dtype` as `_FrozenLinear`
+    computes it, the adapter's delta added to it in `output_dtype`.
+
+    Dropout masks the bf16 copy of x that the adapter multiplies, and its 1 / (1 - p) joins the adapter's scaling.
+    Saved for backward: the frozen weight itself (`recast`) or its bf16 copy, the mask as booleans, the masked
+    input in bf16 (what autocast would keep for A's gradient), and the adapter's small intermediate.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, dtype, output_dtype, recast):
+        with torch.autocast(x.device.type, enabled=False):
+            shape = x.shape
+            xb = x.reshape(-1, shape[-1]).to(dtype)
+            w = weight.to(dtype)
+            out = F.linear(xb, w, None if bias is None else bias.to(dtype)).to(output_dtype)
+            keep = None
+            if p > 0:
+                keep, p = _keep_mask(xb, p)
+                xb = xb * keep.view(torch.uint8)  # a multiply by 0/1 bytes is twice as fast as where() with booleans
+            scale = scaling / (1 - p)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            h = xb @ a.T
+            out.addmm_(h.to(output_dtype), lora_b.to(output_dtype).T, alpha=scale)
+        need_x, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+        ctx.save_for_backward(
+            (weight if recast else w) if need_x else None,
+            xb if need_a else None,
+            keep if need_x else None,
+            h if need_b else None,
+            a if need_x else None,
+            b if need_x or need_a else None,
+        )
+        ctx.dtype, ctx.scale, ctx.x_shape, ctx.x_dtype = dtype, scale, shape, x.dtype
+        ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
+        return out.view(*shape[:-1], out.size(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, xb, keep, h, a, b = ctx.saved_tensors
+        need_x, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.size(-1)).to(ctx.dtype)
+            # d loss / d h, with dropout's and the adapter's scale: h = masked x @ A.T, delta = scale * h @ B.T.
+            grad_h = (g @ b).float().mul_(ctx.scale).to(ctx.dtype) if need_x or need_a else None
+            grad_a = (grad_h.T @ xb).to(ctx.adapter_dtypes[0]) if need_a else None
+            grad_b = (g.T @ h).float().mul_(ctx.scale).to(ctx.adapter_dtypes[1]) if need_b else None
+            grad_x = None
+            if need_x:
+                grad_x = (g @ weight.to(ctx.dtype)).to(ctx.x_dtype)
+                through_adapter = grad_h @ a
+                grad_x.add_(through_adapter if keep is None else through_adapter.mul_(keep.view(torch.uint8)))
+                grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None

@@ -502,6 +502,14 @@ class TrainingSpec(_Spec):
         "dtype (a float32 copy of every LoRA input), and draws it four elements per 64-bit random number instead "
         "of one (the probability rounded to a multiple of 2^-15)",
     )
+    fused_lora: AutoOrBool = Field(
+        "auto",
+        description="under bf16 autocast, each LoRA layer over a frozen linear layer runs as one autograd function: "
+        "its input cast to bf16 once, dropout's mask applied to that copy, the adapter's delta added to the frozen "
+        "product inside one float32 matmul; eight passes over a layer's input and output fewer, the same tensors "
+        "kept for backward, masks drawn as compact_dropout draws them. 'auto' = on the CPU (not yet measured on a "
+        "GPU); not under fsdp or deepspeed",
+    )
     cpu_float32_attention: bool = Field(
         True,
         description="on CPU under bf16 autocast, run attention in float32: PyTorch's CPU flash-attention kernel is "
