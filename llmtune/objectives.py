@@ -172,12 +172,13 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
     store = torch.bfloat16 if _frozen_bf16(recipe) else None
     # Sharding engines own the weights outside the forward pass, so layers keep their own forward there.
     sharded = t.fsdp or t.deepspeed
+    compact = t.compact_dropout and not torch.cuda.is_available()  # CUDA's fused dropout keeps a boolean mask
+    if args.bf16 and not sharded and (not torch.cuda.is_available() if t.fused_lora == "auto" else t.fused_lora):
+        fuse_lora_layers(model, t.recast_frozen, t.full_precision_outputs, compact_masks=compact)
     if args.bf16 and (t.recast_frozen or t.full_precision_outputs or store) and not sharded:
         route_frozen_linears(model, t.recast_frozen, t.full_precision_outputs, store_dtype=store)
-    if t.compact_dropout and not torch.cuda.is_available():  # CUDA's fused dropout already keeps a boolean mask
+    if compact:
         compact_dropouts(model)
-    if args.bf16 and not sharded and (not torch.cuda.is_available() if t.fused_lora == "auto" else t.fused_lora):
-        fuse_lora_layers(model, t.recast_frozen, t.full_precision_outputs)
     # CUDA's bf16 attention kernels are the fast ones.
     use_segmented_attention(model, float32=args.bf16 and t.cpu_float32_attention and not torch.cuda.is_available())
     if recipe.method.name == "qlora":

@@ -142,7 +142,7 @@ def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     `random_()` fills an int64 with the low 63 bits of a 64-bit draw: four 15-bit lanes (the top one's
     sixteenth bit is always 0), each uniform on [0, 2^15). An element is dropped where its lane is below
     p' * 2^15. Scaling by 1 / (1 - p') keeps the output's expectation equal to the input."""
-    threshold = round(p * _LANE)
+    threshold = min(round(p * _LANE), _LANE - 1)  # p just below 1 must not round to 1, dropping everything
     draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
     lanes = draws.view(torch.int16)[: x.numel()].view(x.shape).bitwise_and_(_LANE - 1)
     return lanes >= threshold, threshold / _LANE
@@ -154,9 +154,12 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep, x, 0).mul_(1 / (1 - p))
 
 
-def fuse_lora_layers(model: nn.Module, recast: bool = True, full_precision_outputs: bool = True) -> int:
+def fuse_lora_layers(
+    model: nn.Module, recast: bool = True, full_precision_outputs: bool = True, compact_masks: bool = True
+) -> int:
     """Route every peft LoRA `Linear` over a frozen `nn.Linear` through `_LoraLinear` under autocast; returns how
-    many were routed.
+    many were routed. Call it before `route_frozen_linears` stores frozen weights in another dtype: full precision
+    outputs come back in the base weight's dtype as it is now, as peft's would.
 
     peft computes base(x) + lora_B(lora_A(dropout(x))) * scaling as a dozen autograd nodes, each a pass over the
     layer's input or output: the dropout's mask and scale, autocast's casts of the dropped input, the bf16 delta,
@@ -164,28 +167,38 @@ def fuse_lora_layers(model: nn.Module, recast: bool = True, full_precision_outpu
     input once, applies the mask to that bf16 copy, folds dropout's scale into the adapter's, and adds the delta
     to the frozen product inside one float32 matmul: four passes over the input and four over the output fewer
     per layer. `recast` and `full_precision_outputs` mean what they mean for `route_frozen_linears`; dropout
-    masks are drawn as `compact_dropouts` draws them. Anything else (adapters disabled or merged, DoRA, several
-    active adapters, a quantized or trained base, no autocast) keeps peft's own forward.
+    masks are drawn as `compact_dropouts` draws them, and without `compact_masks` a layer with dropout keeps peft's
+    forward. So does anything else `_LoraLinear` does not compute as peft would (adapters disabled or merged,
+    DoRA, several active adapters, a quantized or trained base, no autocast).
     """
     from peft.tuners.lora import Linear as LoraLinear
 
     count = 0
     for module in model.modules():
         if type(module) is LoraLinear and type(module.base_layer) is nn.Linear:
-            module.forward = functools.partial(_lora_forward, module, recast, full_precision_outputs)
+            output_dtype = module.base_layer.weight.dtype if full_precision_outputs else None
+            module.forward = functools.partial(_lora_forward, module, recast, output_dtype, compact_masks)
             count += 1
     return count
 
 
-def _lora_forward(self: nn.Module, recast: bool, full_precision_outputs: bool, x: torch.Tensor, *args, **kwargs):
+def _lora_forward(
+    self: nn.Module,
+    recast: bool,
+    output_dtype: torch.dtype | None,
+    compact_masks: bool,
+    x: torch.Tensor,
+    *args,
+    **kwargs,
+):
     name = None if args or kwargs else _plain_adapter(self, x)
-    if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base, dropout = self.base_layer, self.lora_dropout[name]
-    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    dropout = None if name is None else self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if name is None or (p > 0 and not compact_masks):
+        return type(self).forward(self, x, *args, **kwargs)
+    base, lora_a, lora_b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
     dtype = torch.get_autocast_dtype(x.device.type)
-    output_dtype = lora_a.dtype if full_precision_outputs else dtype
+    output_dtype = output_dtype or dtype
     return _LoraLinear.apply(
         x, base.weight, base.bias, lora_a, lora_b, self.scaling[name], p, dtype, output_dtype, recast
     )

