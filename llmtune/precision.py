@@ -205,7 +205,8 @@ def _lora_forward(
 
 
 def _plain_adapter(self: nn.Module, x: torch.Tensor) -> str | None:
-    """The one active adapter of LoRA layer `self` if `_LoraLinear` computes exactly what peft would, else None."""
+    """The one active adapter of LoRA layer `self` if `_LoraLinear` computes what peft would (to rounding), else
+    None."""
     device = x.device.type
     if not torch.is_autocast_enabled(device) or self.disable_adapters or self.merged:
         return None

@@ -507,7 +507,8 @@ class TrainingSpec(_Spec):
         description="under bf16 autocast, each LoRA layer over a frozen linear layer runs as one autograd function: "
         "its input cast to bf16 once, dropout's mask applied to that copy, the adapter's delta added to the frozen "
         "product inside one float32 matmul; eight passes over a layer's input and output fewer, the same tensors "
-        "kept for backward (measured on rows of 50-512 tokens: 9% less time a token, 0.9 GiB less peak RSS). Layers "
+        "kept for backward (measured, 20 steps: quickstart 60.0 -> 71.2 trained tokens/s; rows of 50-512 tokens "
+        "132.8 -> 155.4, peak RSS 9,071 -> 7,182 MiB). Layers "
         "with dropout draw their masks as compact_dropout does, and keep peft's forward without it. 'auto' = on "
         "the CPU (not yet measured on a GPU); not under fsdp or deepspeed",
     )
