@@ -77,6 +77,21 @@ def make_recipe(tmp_path: Path):
     return _make
 
 
+@pytest.fixture
+def sft_trainers(monkeypatch) -> list:
+    """Every trainer the sft objective builds while the test runs, in order."""
+    import llmtune.run
+
+    built = []
+
+    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+    return built
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The tiny models train much faster on one thread on a busy two-core machine."""

@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import chat_rows, write_jsonl
 
-import llmtune.run
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
@@ -150,7 +149,7 @@ def test_bf16_auto_follows_the_cpu(make_recipe, monkeypatch):
         assert use_bf16(recipe) is native
 
 
-def test_length_grouping_cuts_padding(make_recipe, monkeypatch, tmp_path):
+def test_length_grouping_cuts_padding(make_recipe, sft_trainers, tmp_path):
 
     # Lengths from one to forty words, shuffled: random batches mix short and long rows. Enough rows for the
     # sampler to sort groups of several batches at once (it keeps at least four groups).
@@ -159,14 +158,6 @@ def test_length_grouping_cuts_padding(make_recipe, monkeypatch, tmp_path):
     write_jsonl(tmp_path / "long.jsonl", rows)
     waste = {}
     for grouped in (True, False):
-        trainers = []
-
-        def build(*args, trainers=trainers, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
-            trainer = real(*args, **kwargs)
-            trainers.append(trainer)
-            return trainer
-
-        monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
         path = make_recipe(
             f"group-{grouped}",
             data={
@@ -180,7 +171,7 @@ def test_length_grouping_cuts_padding(make_recipe, monkeypatch, tmp_path):
         )
         finetune(path)
         padded = real_tokens = 0
-        for batch in trainers[0].get_train_dataloader():
+        for batch in sft_trainers[-1].get_train_dataloader():
             padded += batch["attention_mask"].numel()
             real_tokens += int(batch["attention_mask"].sum())
         waste[grouped] = 1 - real_tokens / padded
@@ -241,6 +232,17 @@ def _saved_bytes_outside_parameters(model, fn) -> tuple[float, int]:
     return _saved_bytes(fn, lambda t: t.data_ptr() not in own)
 
 
+def _seeded_step(model, batch, autocast: bool) -> tuple[float, int, dict]:
+    """One step's loss, the bytes autograd saved outside the parameters, and the gradients, with seed 1's dropout
+    masks."""
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, saved = _saved_bytes_outside_parameters(model, lambda: _plain_loss(model, batch))
+    model.zero_grad()
+    loss.backward()
+    return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize(
     "ref, method",
     [
@@ -266,11 +268,7 @@ def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(re
     hooks = [m.register_forward_pre_hook(note) for m in frozen]
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, saved = _saved_bytes_outside_parameters(model, lambda: _plain_loss(model, batch))
-        model.zero_grad()
-        loss.backward()
-        return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return _seeded_step(model, batch, autocast=True)
 
     loss, saved, grads = run()
     for hook in hooks:
@@ -360,18 +358,11 @@ def test_frozen_bf16_true_is_refused_where_the_run_saves_or_reads_frozen_weights
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_training(
-    method, make_recipe, monkeypatch
+    method, make_recipe, sft_trainers
 ):
-    trainers = []
-
-    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
-        trainers.append(real(*args, **kwargs))
-        return trainers[-1]
-
-    monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
     training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True, "frozen_bf16": True}
     run = finetune(make_recipe(method={"name": method}, training=training)).run
-    model = trainers[0].model
+    model = sft_trainers[0].model
     head = model.get_output_embeddings()
     blocks = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad and m is not head]
     assert blocks
@@ -446,12 +437,7 @@ def test_compact_dropout_keeps_its_masks_as_booleans(autocast, one_torch_thread)
     hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for m in dropouts]
 
     def run():
-        torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, saved = _saved_bytes_outside_parameters(model, lambda: _plain_loss(model, batch))
-        model.zero_grad()
-        loss.backward()
-        return loss.item(), saved
+        return _seeded_step(model, batch, autocast)[:2]
 
     loss, saved = run()
     for hook in hooks:
@@ -564,12 +550,8 @@ def test_fused_lora_keeps_loss_and_gradients_and_saves_no_more(dropout, full_pre
     batch = _batch(tokenizer)
 
     def run(autocast):
-        torch.manual_seed(1)  # compact masks depend on the element count only: every run draws the same ones
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, saved = _saved_bytes_outside_parameters(model, lambda: _plain_loss(model, batch))
-        model.zero_grad()
-        loss.backward()
-        return loss.item(), saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        # Compact masks depend on the element count only: every run draws the same ones.
+        return _seeded_step(model, batch, autocast)
 
     exact_loss, _, exact = run(autocast=False)
     route_frozen_linears(model, full_precision_outputs=full_precision_outputs)
@@ -591,19 +573,12 @@ def test_fused_lora_keeps_loss_and_gradients_and_saves_no_more(dropout, full_pre
 
 
 @pytest.mark.parametrize("fused_lora, routed", [("auto", True), (False, False)])
-def test_fused_lora_auto_routes_every_lora_layer_of_a_cpu_run(fused_lora, routed, make_recipe, monkeypatch):
+def test_fused_lora_auto_routes_every_lora_layer_of_a_cpu_run(fused_lora, routed, make_recipe, sft_trainers):
     from peft.tuners.lora import Linear as LoraLinear
 
-    trainers = []
-
-    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
-        trainers.append(real(*args, **kwargs))
-        return trainers[-1]
-
-    monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
     training = {"max_steps": 1, "bf16": True, "fused_lora": fused_lora}
     finetune(make_recipe(method={"name": "lora", "dropout": 0.1}, training=training))
-    layers = [m for m in trainers[0].model.modules() if type(m) is LoraLinear]
+    layers = [m for m in sft_trainers[0].model.modules() if type(m) is LoraLinear]
     assert layers and all(("forward" in vars(m)) is routed for m in layers)
 
 
