@@ -9,7 +9,6 @@ import json
 import os
 import re
 import sys
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -32,6 +31,27 @@ LEARNING_RATES = {
     "ia3": 1e-2,
     "prefix": 1e-2,
     "prompt": 3e-2,
+}
+_LORA_OPTIONS = {
+    "r": "rank of the update: higher learns more, costs memory",
+    "alpha": "the update is scaled by alpha / r",
+    "dropout": "on the adapter's input: regularises small data",
+    "target_modules": "all-linear: every linear layer but the head",
+}
+# The options a user of each method tunes first, with why; `init` writes these and leaves the rest to defaults.
+MAIN_OPTIONS = {
+    "lora": _LORA_OPTIONS,
+    "dora": _LORA_OPTIONS,
+    "qlora": {**_LORA_OPTIONS, "bits": "bits per frozen base weight", "compute_dtype": "bfloat16 on GPUs that have it"},
+    "prefix": {"num_virtual_tokens": "trained key/value positions per layer"},
+    "prompt": {"num_virtual_tokens": "soft-prompt vectors before the input"},
+    "p-tuning": {"num_virtual_tokens": "virtual tokens the encoder produces"},
+    "adapter": {
+        "placement": "pfeiffer: after each feed-forward; houlsby: also after attention",
+        "reduction_factor": "hidden size / this = bottleneck width",
+    },
+    "head": {"tied": "a head shared with the embeddings: train a copy, or both"},
+    "layers": {"last_k": "train the last K blocks"},
 }
 
 app = typer.Typer(
@@ -246,7 +266,8 @@ def init(
 ) -> None:
     """Write a new recipe for a model, a tuning method and a data file; in a terminal, asks for what is missing.
 
-    Every key is written with its default and what it does, ready to edit.
+    Only the keys a new recipe is likely to change are written, each with what it is for; the rest keep their
+    defaults.
 
     Example: llmtune init --model builtin:smollm2-135m-instruct --method lora --data train.jsonl --out my.yaml
     """
@@ -337,29 +358,44 @@ def _guess_format(rows: Any) -> str | None:
 
 
 def render_recipe(model: str, method: str, data: str, data_format: str, out: Path) -> str:
-    """A recipe with every key at its default and the schema's description of it as a trailing comment."""
-    from pydantic import BaseModel
-
+    """The keys a new recipe is likely to change, each with a comment on what it is for; the rest keep their
+    defaults, which the recipe reference lists."""
     from llmtune.recipe import validate_recipe_dict
 
     run_dir = f"runs/{out.stem}"
+    learning_rate = LEARNING_RATES.get(method)
     raw = {
         "model": model,
         "method": {"name": method},
+        "objective": {"name": "sft"},
         "data": {"train": data, "format": data_format},
-        "training": {"epochs": 1},
+        "training": {"epochs": 1, **({"learning_rate": learning_rate} if learning_rate else {})},
         "output": {"dir": run_dir},
     }
-    if method in LEARNING_RATES:
-        raw["training"]["learning_rate"] = LEARNING_RATES[method]
-    recipe = validate_recipe_dict(raw, source="llmtune init")
-    notes = {
-        "method.name": "see `llmtune recipes list` for worked examples of each method",
-        "training.learning_rate": f"a usual start for {method}",
-        "output.dir": "relative to where you run llmtune",
+    # Validated first, so every value written is the one the schema resolves and the file loads as written.
+    dumped = validate_recipe_dict(raw, source="llmtune init").model_dump(mode="json")
+    # normpath: the recipe's directory may not exist yet, and ../ through a missing directory finds nothing.
+    relative = not Path(data).is_absolute() and Path(os.path.normpath(out.parent / data)).exists()
+    sections = {
+        "method": {
+            "name": "`llmtune recipes list` has a worked example of each method",
+            **MAIN_OPTIONS.get(method, {}),
+        },
+        "objective": {"name": "next-token loss on the responses; docs/objectives.md lists the others"},
+        "data": {
+            "train": "relative to this file" if relative else "a file, a save_to_disk directory or a hub dataset name",
+            "format": "which columns hold the prompt and the response",
+            "max_length": "tokens per row",
+        },
+        "training": {
+            "epochs": "passes over the data; or max_steps: N optimizer steps",
+            "batch_size": "rows per step; lower it if memory runs out",
+            "grad_accum": "micro-batches per step: a larger batch without its memory",
+            "learning_rate": f"a usual start for {method}",
+            "seed": "the same seed gives the same run",
+        },
+        "output": {"dir": "where weights, logs and checkpoints go, relative to where you run llmtune"},
     }
-    if (out.parent / data).exists() and not Path(data).is_absolute():
-        notes["data.train"] = "relative to this file"
     header = [
         f"{method} fine-tuning of {model} on {data} ({data_format} format). Written by `llmtune init`.",
         "",
@@ -367,34 +403,26 @@ def render_recipe(model: str, method: str, data: str, data_format: str, out: Pat
         f"  llmtune finetune {out}",
         f"  llmtune eval {run_dir} --compare-base",
         "",
-        "Every key is set to its default; `llmtune recipes schema` describes them all.",
+        "Every other key keeps its default; the recipe reference (docs/, `mkdocs serve`) and",
+        "`llmtune recipes schema` list them all.",
     ]
-    lines = [f"# {line}".rstrip() for line in header] + [""]
-    dumped = recipe.model_dump(mode="json")
-    for key, field in type(recipe).model_fields.items():
-        value = getattr(recipe, key)
-        if isinstance(value, BaseModel):
-            lines.append(f"{key}:")
-            # The discriminator first: it says which of the keys below exist.
-            for sub, sub_field in sorted(type(value).model_fields.items(), key=lambda item: item[0] != "name"):
-                lines.append(_key_line(f"  {sub}", dumped[key][sub], sub_field, notes.get(f"{key}.{sub}")))
-        else:
-            lines.append(_key_line(key, dumped[key], field, notes.get(key)))
+    lines = [f"# {line}".rstrip() for line in header] + [
+        "",
+        _key_line("model", model, "hub id, local dir, builtin:NAME or tiny:ARCH"),
+    ]
+    for section, notes in sections.items():
+        lines.append(f"{section}:")
+        lines += [_key_line(f"  {key}", dumped[section][key], note) for key, note in notes.items()]
+        if section == "data":
+            # Commented out: a held-out file is worth naming, but init cannot guess it.
+            held_out = f"held-out rows; without it {dumped['data']['eval_split']:.0%} of train is held out"
+            lines.append(f"{'  # eval: held_out.jsonl':<32} # {held_out}")
     return "\n".join(lines) + "\n"
 
 
-def _key_line(key: str, value: Any, field: Any, note: str | None) -> str:
+def _key_line(key: str, value: Any, note: str) -> str:
     import yaml
 
     # A scalar dumps as a one-value document ending in '...'; the flow style keeps lists on one line.
     dumped = yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
-    text = f"{key}: {dumped}"
-    comment = note or field.description or _choices(field.annotation)
-    return f"{text:<32} # {comment}" if comment else text
-
-
-def _choices(annotation: Any) -> str | None:
-    """'a | b | c' for a Literal with several values, so a key without a description still says what it takes."""
-    if typing.get_origin(annotation) is typing.Literal and len(typing.get_args(annotation)) > 1:
-        return " | ".join(str(a) for a in typing.get_args(annotation))
-    return None
+    return f"{f'{key}: {dumped}':<32} # {note}"
