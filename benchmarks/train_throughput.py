@@ -171,10 +171,11 @@ class StepMeter:
 def held_out_loss(model, tokenizer, eval_path: Path) -> float:
     """Mean NLL per response token over the held-out rows, with llmtune's tokenization for both sides."""
     from llmtune.data import Sample, encode
-    from llmtune.evaluation import on_accelerator, response_nll
+    from llmtune.accel import on_device
+    from llmtune.evaluation import response_nll
 
     encoded = [encode(Sample(messages=r["messages"]), tokenizer) for r in _read_rows(eval_path)]
-    model = on_accelerator(model).float().eval()
+    model = on_device(model).float().eval()
     nll, count = response_nll(model, tokenizer, [e[0] for e in encoded], [e[1] for e in encoded], batch_size=8)
     return nll / count
 
@@ -276,20 +277,12 @@ def run_llmtune(job: argparse.Namespace) -> dict:
 
 
 def _lever_settings(result) -> dict:
+    """The speed plan the run resolved, and the training settings that change its batches."""
+    from llmtune.artifacts import SPEED_FILE
+
     t = result.run.recipe().training
-    levers = (
-        "bf16",
-        "recast_frozen",
-        "full_precision_outputs",
-        "frozen_bf16",
-        "compact_dropout",
-        "cpu_float32_attention",
-        "fused_loss",
-        "fused_blocks",
-        "fused_lora",
-        "group_by_length",
-    )
-    return {"padding_free": result.run.recipe().data.padding_free, **{name: getattr(t, name) for name in levers}}
+    plan = json.loads(result.run.file(SPEED_FILE).read_text())
+    return {**plan, "group_by_length": t.group_by_length}
 
 
 CHILDREN = {"baseline": run_baseline, "llmtune": run_llmtune}

@@ -38,6 +38,7 @@ METRICS_FILE = "metrics.json"
 TRAINER_LOG_FILE = "trainer_log.jsonl"
 EVAL_FILE = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
+SPEED_FILE = "speed.json"  # the speed plan the run trained with
 
 
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmtune import artifacts, metrics
+from llmtune.accel import on_device
 from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.data import (
     IGNORE_INDEX,
@@ -58,7 +59,7 @@ def evaluate(
         # A new head (classification) is initialised from the torch seed: the same one training started from.
         torch.manual_seed(recipe.training.seed)
         model, tokenizer = load_tuned(path)
-        model = on_accelerator(model)
+        model = on_device(model)
         label = "tuned"
         out = out or path / artifacts.EVAL_FILE
     else:
@@ -67,7 +68,7 @@ def evaluate(
         recipe = load_recipe(path, overrides)
         tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
         torch.manual_seed(recipe.training.seed)
-        model = on_accelerator(load_base_model(recipe, quantized=False))
+        model = on_device(load_base_model(recipe, quantized=False))
         label, compare_base = "base", False
     _, samples = split_samples(recipe)
     if not samples:
@@ -105,7 +106,7 @@ def evaluate(
 def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
     if not isinstance(recipe.objective, DistillSpec):
         return None
-    return on_accelerator(load_teacher(recipe.objective.teacher, recipe.training.dtype))
+    return on_device(load_teacher(recipe.objective.teacher, recipe.training.dtype))
 
 
 @contextlib.contextmanager
@@ -119,7 +120,7 @@ def _base_of(model: PreTrainedModel, recipe: Recipe):
             yield model
     else:
         torch.manual_seed(recipe.training.seed)
-        yield on_accelerator(load_base_model(recipe, quantized=False))
+        yield on_device(load_base_model(recipe, quantized=False))
 
 
 def _predictions_path(out: Path, target: Path) -> Path:
@@ -435,13 +436,6 @@ def pad_batch(
     return ids.to(device), attn.to(device)
 
 
-def on_accelerator(model: PreTrainedModel) -> PreTrainedModel:
-    """`model` on the GPU where there is one (bitsandbytes has already put a quantized model there)."""
-    if torch.cuda.is_available() and model.device.type == "cpu":
-        return model.to("cuda")
-    return model
-
-
 def complete(
     target: str,
     prompt: str,
@@ -457,7 +451,7 @@ def complete(
     system_prompt = None
     if is_run_dir(path):
         model, tokenizer = load_tuned(path)
-        model = on_accelerator(model)
+        model = on_device(model)
         recipe = load_recipe(path / artifacts.RECIPE_FILE)
         if recipe.objective.name == "classify":
             return classify_text(model, tokenizer, prompt, recipe)
@@ -472,7 +466,7 @@ def complete(
     else:
         tokenizer = load_tokenizer(target)
         kind = checkpoint_kind(target)
-        model = on_accelerator(load_model(target, kind=kind))
+        model = on_device(load_model(target, kind=kind))
         # An encoder-decoder reads plain source text, as objective seq2seq trained it.
         use_template = bool(tokenizer.chat_template) and kind == "causal-lm"
     if raw or not use_template:

@@ -12,7 +12,6 @@ from llmtune.artifacts import check_run_dir_free, open_run, staged_dir
 from llmtune.data import encode, encode_classification, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
-from llmtune.methods import UNMERGEABLE_METHODS
 from llmtune.models import auto_class, load_tuned
 from llmtune.report import MODEL_CARD_FILE, model_card, read_json
 
@@ -33,7 +32,8 @@ class MergeResult:
 
 def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite: bool = False) -> MergeResult:
     run = open_run(run_path)
-    method = run.recipe().method.name
+    spec = run.recipe().method
+    method = spec.name
     if method == "adapter":
         raise LLMTuneError(
             f"{run_path}: bottleneck adapters are extra layers with a non-linearity between their projections, "
@@ -41,7 +41,7 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
             f"directory itself: llmtune generate {run_path} '...' / llmtune eval {run_path} (both re-insert the "
             f"adapters from {run.adapter} into the base model)"
         )
-    if method in UNMERGEABLE_METHODS:
+    if spec.virtual_tokens:
         raise LLMTuneError(
             f"{run_path}: {_DESCRIBED[method]} learns virtual tokens fed in front of every input, not a change to "
             f"any weight, so there is nothing to merge; serve the run directory itself: llmtune generate "

@@ -339,10 +339,3 @@ METHODS: dict[str, Callable] = {
     "layers": build_layers,
     "full": build_full,
 }
-
-# Methods whose run directory holds an adapter over an unchanged base (the rest save a whole model): peft's,
-# or llmtune's own bottleneck adapters (llmtune.bottleneck).
-ADAPTER_METHODS = frozenset({"lora", "qlora", "dora", "ia3", "prefix", "prompt", "p-tuning", "adapter"})
-# Adapters that are not a linear change to any weight (extra tokens, or layers with a non-linearity): nothing
-# to fold into the weights.
-UNMERGEABLE_METHODS = frozenset({"prefix", "prompt", "p-tuning", "adapter"})

@@ -16,19 +16,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer
 
-from llmtune.attention import attends_per_row, use_segmented_attention
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
-from llmtune.fused import fuse_blocks
-from llmtune.loss import TargetedLoss
-from llmtune.precision import compact_dropouts, fuse_lora_layers, route_frozen_linears
-from llmtune.recipe import FROZEN_BF16_METHODS, PROMPT_LEARNING_METHODS, Recipe
-from llmtune.training import guarded, use_bf16, use_gradient_checkpointing
+from llmtune.recipe import Recipe
+from llmtune.training import guarded
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+    from llmtune.accel import SpeedPlan
+    from llmtune.accel.loss import TargetedLoss
     from llmtune.data import PreparedData
 
 
@@ -47,11 +45,11 @@ def check_engines(recipe: Recipe) -> None:
         raise LLMTuneError("training.deepspeed needs the deepspeed package: pip install deepspeed")
 
 
-def training_args(config_class: type, recipe: Recipe, output_dir: Path, **fields):
-    """`config_class` (a TrainingArguments subclass) with the recipe's training settings and `fields` on top."""
-    import torch
-
+def training_args(config_class: type, recipe: Recipe, plan: SpeedPlan, output_dir: Path, **fields):
+    """`config_class` (a TrainingArguments subclass) with the recipe's training settings, the speed plan's
+    choices and `fields` on top."""
     t = recipe.training
+    gpu = plan.device == "cuda"
     return config_class(
         output_dir=str(output_dir),
         max_steps=t.max_steps or -1,
@@ -67,13 +65,13 @@ def training_args(config_class: type, recipe: Recipe, output_dir: Path, **fields
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
-        gradient_checkpointing=use_gradient_checkpointing(recipe),
+        gradient_checkpointing=plan.gradient_checkpointing,
         # Sharding engines are accelerate's; the recipe only names their settings.
         fsdp=True if t.fsdp else None,
         fsdp_config=t.fsdp_config or None,
         deepspeed=t.deepspeed,
-        # Autocast only as training.bf16 says; TRL would otherwise switch bf16 on by itself.
-        bf16=use_bf16(recipe),
+        # Autocast only as the plan says; TRL would otherwise switch bf16 on by itself.
+        bf16=plan.bf16,
         fp16=False,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
@@ -81,9 +79,9 @@ def training_args(config_class: type, recipe: Recipe, output_dir: Path, **fields
         eval_strategy="no",
         # TensorBoard is attached by _use_llmtune_logging with a fixed directory; other trackers are passed through.
         report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=gpu,
         # Without use_cpu, a CPU-only machine under torchrun trains one independent copy per process.
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not gpu,
         disable_tqdm=False,
         **fields,
     )
@@ -96,6 +94,7 @@ def build_sft(
     data: PreparedData,
     output_dir: Path,
     callbacks: list[TrainerCallback],
+    plan: SpeedPlan,
 ) -> Trainer:
     from trl import SFTConfig
 
@@ -103,51 +102,19 @@ def build_sft(
     args = training_args(
         SFTConfig,
         recipe,
+        plan,
         output_dir,
         # data.py has tokenized, masked and length-limited every row; TRL must not truncate again. Packing
         # needs the pack length; rows are already within it, so best-fit packing keeps every row whole.
         max_length=recipe.data.max_length if recipe.data.packing else None,
         packing=recipe.data.packing,
         packing_strategy="bfd",
-        padding_free=_padding_free(recipe, model, data.train),
+        padding_free=plan.padding_free,
         eval_packing=False,
         # A pack is one row already; grouping packs by length would only reorder them.
         train_sampling_strategy="group_by_length" if t.group_by_length and not recipe.data.packing else "random",
     )
-    trainer = _trainer(_sft_trainer_class(), args, recipe, model, tokenizer, data, output_dir, callbacks)
-    # Sharding engines own the head's weight outside their forward pass, so the head stays inside it there.
-    if t.fused_loss and not (t.fsdp or t.deepspeed) and model.get_output_embeddings() is not None:
-        trainer.llmtune_loss = TargetedLoss(model)
-    return trainer
-
-
-# Below this share of padding in random batches, rows end to end gain nothing measurable: quickstart's rows
-# (3% padding) trained no faster padding-free, and the batches' changing sizes left the process 0.3 GB bigger.
-PADDING_FREE_FROM = 0.10
-
-
-def _padding_free(recipe: Recipe, model: PreTrainedModel, train: Dataset) -> bool:
-    """data.padding_free resolved. 'auto' is on where each row attends on its own (see attention.py; through
-    another attention implementation transformers masks the whole flattened batch, correct but quadratic in it)
-    and random batches of this data would be at least PADDING_FREE_FROM padding."""
-    if recipe.data.padding_free != "auto":
-        return recipe.data.padding_free
-    if recipe.method.name in PROMPT_LEARNING_METHODS or not attends_per_row(model):
-        return False
-    # A few thousand rows drawn at random estimate the padding without reading every row.
-    rows = random.Random(recipe.training.seed).sample(range(len(train)), min(len(train), 4096))
-    lengths = [len(ids) for ids in train.select(rows)["input_ids"]]
-    return expected_padding(lengths, recipe.training.batch_size, recipe.training.seed) >= PADDING_FREE_FROM
-
-
-def expected_padding(lengths: list[int], batch_size: int, seed: int, batches: int = 256) -> float:
-    """The share of padding in `batches` batches of rows drawn at random, each padded to its longest row."""
-    rng = random.Random(seed)
-    real = padded = 0
-    for _ in range(batches):
-        batch = rng.sample(lengths, min(batch_size, len(lengths)))
-        real, padded = real + sum(batch), padded + len(batch) * max(batch)
-    return 1 - real / padded if padded else 0.0
+    return _trainer(_sft_trainer_class(), args, recipe, model, tokenizer, data, output_dir, callbacks)
 
 
 def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, **extra) -> Trainer:
@@ -168,19 +135,6 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
         **extra,
     )
     _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
-    t = recipe.training
-    store = torch.bfloat16 if _frozen_bf16(recipe) else None
-    # Sharding engines own the weights outside the forward pass, so layers keep their own forward there.
-    sharded = t.fsdp or t.deepspeed
-    compact = t.compact_dropout and not torch.cuda.is_available()  # CUDA's fused dropout keeps a boolean mask
-    if args.bf16 and not sharded and (not torch.cuda.is_available() if t.fused_lora == "auto" else t.fused_lora):
-        fuse_lora_layers(model, t.recast_frozen, t.full_precision_outputs, compact_masks=compact)
-    if args.bf16 and (t.recast_frozen or t.full_precision_outputs or store) and not sharded:
-        route_frozen_linears(model, t.recast_frozen, t.full_precision_outputs, store_dtype=store)
-    if compact:
-        compact_dropouts(model)
-    # CUDA's bf16 attention kernels are the fast ones.
-    use_segmented_attention(model, float32=args.bf16 and t.cpu_float32_attention and not torch.cuda.is_available())
     if recipe.method.name == "qlora":
         # TRL casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute dtype so
         # the adapter trains and saves at the precision the run directory promises.
@@ -188,30 +142,14 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(dtype)
-    if t.fused_blocks and not sharded:  # last: its check runs each block as it will train
-        fuse_blocks(model)
     return trainer
 
 
-def _frozen_bf16(recipe: Recipe) -> bool:
-    """training.frozen_bf16 resolved. 'auto' is on where the weights live in GPU memory: on the CPU the model's
-    float32 weights are pages of the checkpoint file, mapped and resident whatever is done with them, and bf16
-    copies would only add to them."""
-    wanted = recipe.training.frozen_bf16
-    return (torch.cuda.is_available() if wanted == "auto" else wanted) and _saves_no_frozen_weights(recipe)
-
-
-def _saves_no_frozen_weights(recipe: Recipe) -> bool:
-    """Whether the run saves its adapter alone and never runs its model outside autocast while training (grpo
-    generates between steps)."""
-    return recipe.method.name in FROZEN_BF16_METHODS and recipe.objective.name != "grpo"
-
-
-def build_classify(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+def build_classify(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
     """Sequence classification with transformers' Trainer: cross-entropy of the head's logits on the label."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    args = training_args(TrainingArguments, recipe, output_dir)
+    args = training_args(TrainingArguments, recipe, plan, output_dir)
     return _trainer(
         Trainer,
         args,
@@ -230,7 +168,7 @@ def _sft_trainer_class() -> type[Trainer]:
     from trl import SFTTrainer
 
     class LLMTuneSFTTrainer(SFTTrainer):
-        """SFTTrainer whose training loss comes from `llmtune.loss.TargetedLoss` when one is set."""
+        """SFTTrainer whose training loss comes from `llmtune.accel.loss.TargetedLoss` when one is set."""
 
         llmtune_loss: TargetedLoss | None = None
 
@@ -279,13 +217,14 @@ def _reference_model(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel 
 # The builders below take the same arguments as build_sft.
 
 
-def build_dpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+def build_dpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
     from trl import DPOConfig, DPOTrainer
 
     objective = recipe.objective
     args = training_args(
         DPOConfig,
         recipe,
+        plan,
         output_dir,
         beta=objective.beta,
         loss_type=[objective.loss_type],
@@ -297,14 +236,14 @@ def build_dpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
     )
 
 
-def build_orpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+def build_orpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    args = training_args(ORPOConfig, recipe, output_dir, beta=recipe.objective.beta)
+    args = training_args(ORPOConfig, recipe, plan, output_dir, beta=recipe.objective.beta)
     return _trainer(_from_pair_ids(ORPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks)
 
 
-def build_simpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+def build_simpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     objective = recipe.objective
@@ -312,6 +251,7 @@ def build_simpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Traine
     args = training_args(
         CPOConfig,
         recipe,
+        plan,
         output_dir,
         loss_type="simpo",
         cpo_alpha=0.0,
@@ -321,13 +261,14 @@ def build_simpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Traine
     return _trainer(_from_pair_ids(CPOTrainer), args, recipe, model, tokenizer, data, output_dir, callbacks)
 
 
-def build_kto(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+def build_kto(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
     from trl import KTOConfig, KTOTrainer
 
     objective = recipe.objective
     args = training_args(
         KTOConfig,
         recipe,
+        plan,
         output_dir,
         beta=objective.beta,
         desirable_weight=objective.desirable_weight,
@@ -396,13 +337,14 @@ def _unpaired_kto(trainer_class: type[Trainer]) -> type[Trainer]:
     return type(trainer_class.__name__, (trainer_class,), {"_prepare_dataset": _prepare_dataset})
 
 
-def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
     from trl import GRPOConfig, GRPOTrainer
 
     objective = recipe.objective
     args = training_args(
         GRPOConfig,
         recipe,
+        plan,
         output_dir,
         num_generations=objective.num_generations,
         max_completion_length=objective.max_completion_length,
@@ -441,12 +383,13 @@ def _reward_function(name: str):
     return reward
 
 
-def build_reward_model(recipe, model, tokenizer, data, output_dir, callbacks) -> Trainer:
+def build_reward_model(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
     from trl import RewardConfig, RewardTrainer
 
     args = training_args(
         RewardConfig,
         recipe,
+        plan,
         output_dir,
         center_rewards_coefficient=recipe.objective.center_rewards,
         max_length=None,  # data.py has cut every pair to data.max_length
@@ -510,6 +453,7 @@ def build_distill(
     data: PreparedData,
     output_dir: Path,
     callbacks: list[TrainerCallback],
+    plan: SpeedPlan,
 ) -> Trainer:
     """Knowledge distillation on the recipe's own tokenized, response-masked rows.
 
@@ -530,7 +474,7 @@ def build_distill(
             f"{sizes[0]}; distillation needs one vocabulary"
         )
     return _build_trainer(
-        _DistillationTrainer, recipe, model, tokenizer, data, output_dir, callbacks, teacher=teacher, spec=spec
+        _DistillationTrainer, recipe, model, tokenizer, data, output_dir, callbacks, plan, teacher=teacher, spec=spec
     )
 
 
@@ -541,6 +485,7 @@ def build_seq2seq(
     data: PreparedData,
     output_dir: Path,
     callbacks: list[TrainerCallback],
+    plan: SpeedPlan,
 ) -> Trainer:
     """Encoder-decoder training on data.py's (source, target) rows with the model's own cross-entropy.
 
@@ -551,7 +496,7 @@ def build_seq2seq(
         raise LLMTuneError(
             f"objective seq2seq: model {recipe.model!r} is not an encoder-decoder; use a T5-family model or tiny:t5"
         )
-    trainer = _build_trainer(Trainer, recipe, model, tokenizer, data, output_dir, callbacks)
+    trainer = _build_trainer(Trainer, recipe, model, tokenizer, data, output_dir, callbacks, plan)
     # T5 and BART take **kwargs but return a plain mean loss, ignoring num_items_in_batch; left True, the Trainer
     # would not divide that loss by grad_accum and the accumulated gradient and logged loss would be grad_accum x.
     trainer.model_accepts_loss_kwargs = False
@@ -566,12 +511,13 @@ def _build_trainer(
     data: PreparedData,
     output_dir: Path,
     callbacks: list[TrainerCallback],
+    plan: SpeedPlan,
     **extra: Any,
 ) -> Trainer:
     """A transformers Trainer over data.py's tokenized rows, padded per batch; `extra` goes to its init."""
     from transformers import TrainingArguments
 
-    args = training_args(TrainingArguments, recipe, output_dir, remove_unused_columns=False)
+    args = training_args(TrainingArguments, recipe, plan, output_dir, remove_unused_columns=False)
     # An encoder-decoder builds its decoder inputs from these labels (shifted right, -100 read as padding).
     collator = _pad_rows(tokenizer.pad_token_id)
     return _trainer(

@@ -76,11 +76,9 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], evaluation: dict[str, An
 
 
 def _saved_as(recipe: Recipe) -> str:
-    from llmtune.methods import ADAPTER_METHODS
-
     if recipe.method.name == "adapter":
         return "bottleneck adapter weights (`llmtune generate` / `llmtune eval` on the run directory insert them)"
-    if recipe.method.name in ADAPTER_METHODS:
+    if recipe.method.saves_adapter:
         return "adapter (load it over the base model with peft, or run `llmtune merge-adapter`)"
     return "whole tuned model"
 

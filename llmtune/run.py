@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtune import artifacts
+from llmtune import accel, artifacts
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, complete_checkpoints
 from llmtune.data import prepare_data
 from llmtune.errors import LLMTuneError
-from llmtune.methods import ADAPTER_METHODS, METHODS, PEFT_TASK_TYPES
+from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer, parameter_counts
 from llmtune.objectives import OBJECTIVES, check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
@@ -78,6 +78,9 @@ def finetune(
             f"({100 * counts['trainable'] / counts['total']:.3f}%)",
             flush=True,
         )
+    plan = accel.resolve(recipe, accel.current_device(), model, data.train)
+    if main_process:
+        print(plan.summary(), flush=True)
 
     run = RunDir(out)
     if main_process:
@@ -92,6 +95,7 @@ def finetune(
                 )
             artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
             _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
+        artifacts.write_json(run.file(artifacts.SPEED_FILE), plan.to_dict())
         for stale in out.glob(f".{CHECKPOINT_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing a checkpoint
     stop = StopOnSignalCallback()
@@ -107,7 +111,11 @@ def finetune(
             stop,
             LogAtSaveCallback(),
         ],
+        plan=plan,
     )
+    fused_loss = accel.apply(model, plan)
+    if fused_loss is not None:
+        trainer.llmtune_loss = fused_loss
     trainer.llmtune_keep_checkpoints = recipe.training.keep_checkpoints
     trainer.llmtune_recipe_file = run.file(artifacts.RECIPE_FILE)
     started = time.time()
@@ -233,7 +241,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _save_weights(run: RunDir, model: Any, recipe: Recipe) -> None:
-    target = run.adapter if recipe.method.name in ADAPTER_METHODS else run.model
+    target = run.adapter if recipe.method.saves_adapter else run.model
     # Staged, so a crash while writing never leaves a half-written adapter where eval would load it.
     with artifacts.staged_dir(target) as staging:
         if recipe.method.name == "adapter":

@@ -22,7 +22,6 @@ from transformers import Trainer, TrainerCallback
 
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RECIPE_FILE, complete_checkpoints, make_readable
 from llmtune.errors import LLMTuneError
-from llmtune.recipe import Recipe
 
 
 class NonFiniteLoss(LLMTuneError):
@@ -197,31 +196,6 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-def use_bf16(recipe: Recipe) -> bool:
-    """Whether to train under bfloat16 autocast, resolving `training.bf16: auto` for this machine."""
-    t = recipe.training
-    if t.bf16 != "auto":
-        return t.bf16
-    # Weights already in a 16-bit dtype gain nothing from autocast; a QLoRA base computes in method.compute_dtype.
-    if t.dtype != "float32" or recipe.method.name == "qlora":
-        return False
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    # Without native bf16 instructions a CPU emulates it, several times slower than float32.
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def use_gradient_checkpointing(recipe: Recipe) -> bool:
-    """Whether to recompute activations in backward, resolving `training.gradient_checkpointing: auto`."""
-    t = recipe.training
-    if t.gradient_checkpointing != "auto":
-        return t.gradient_checkpointing
-    # Prefixes travel in the key/value cache, which checkpointing switches off; FSDP checkpoints on its own.
-    if recipe.method.name == "prefix" or t.fsdp_checkpoints:
-        return False
-    return torch.cuda.is_available()
 
 
 def guarded(trainer_class: type[Trainer]) -> type[Trainer]:

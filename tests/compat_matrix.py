@@ -41,7 +41,7 @@ _NONLINEAR = (
 _PACK = "virtual tokens go in front of each sequence: in a pack only the first row would get them"
 _FLAT = (
     "virtual tokens go in front of each sequence: rows end to end would share one set; "
-    "`padding_free: auto` pads these rows"
+    "`speed.padding_free: auto` pads these rows"
 )
 _PREFIX_GC = "prefixes reach the layers through the key/value cache, which gradient checkpointing switches off"
 _DEQUANT = "the 4-bit base is dequantized to the compute dtype, then merged"

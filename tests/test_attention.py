@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import llmtune.run
-from llmtune import attention
-from llmtune.attention import SEGMENTED_SDPA, SEGMENTED_SDPA_FLOAT32, use_segmented_attention
+from llmtune.accel import attention
+from llmtune.accel.attention import SEGMENTED_SDPA, SEGMENTED_SDPA_FLOAT32, use_segmented_attention
 from llmtune.evaluation import pad_batch
 from llmtune.models import load_model
 from llmtune.run import finetune
@@ -190,9 +190,9 @@ def _train(make_recipe, name, method, padding_free, batches):
                 "eval": "data/eval.jsonl",
                 "format": "chat",
                 "max_length": 96,
-                "padding_free": padding_free,
             },
             training={"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "bf16": False},
+            speed={"padding_free": padding_free},
         )
         run = finetune(path).run
     log = [json.loads(line) for line in (run.path / "trainer_log.jsonl").read_text().splitlines()]
@@ -220,7 +220,7 @@ def test_padding_free_auto_pads_rows_for_virtual_tokens(make_recipe):
 
 
 def test_expected_padding_of_random_batches():
-    from llmtune.objectives import expected_padding
+    from llmtune.accel import expected_padding
 
     assert expected_padding([50] * 40, 8, seed=0) == 0.0
     # Half the rows 10 tokens, half 30, two drawn at a time: 40 real tokens a batch, padded to 60 when mixed.
@@ -232,16 +232,19 @@ def test_expected_padding_of_random_batches():
 def test_padding_free_auto_is_on_where_random_batches_would_be_padded(make_recipe):
     from datasets import Dataset
 
-    from llmtune.objectives import PADDING_FREE_FROM, _padding_free
+    from llmtune.accel import PADDING_FREE_FROM, Device, resolve
     from llmtune.recipe import load_recipe
+
+    def padding_free(recipe, model, train):
+        return resolve(recipe, Device("cpu", "test CPU", native_bf16=False), model, train).padding_free
 
     model = load_model("tiny:llama")
     recipe = load_recipe(make_recipe("auto"))  # padding_free: auto, batch size 4
     even = Dataset.from_dict({"input_ids": [[1] * 40] * 24})
     ragged = Dataset.from_dict({"input_ids": [[1] * (10 + 30 * (i % 2)) for i in range(24)]})
-    assert not _padding_free(recipe, model, even)
-    assert _padding_free(recipe, model, ragged)
+    assert not padding_free(recipe, model, even)
+    assert padding_free(recipe, model, ragged)
     # Asked for, it is on whatever the padding.
-    recipe.data.padding_free = True
-    assert _padding_free(recipe, model, even)
+    recipe.speed.padding_free = True
+    assert padding_free(recipe, model, even)
     assert 0 < PADDING_FREE_FROM < 1

@@ -36,10 +36,14 @@ import llmtune.objectives
 import llmtune.run
 from llmtune import artifacts
 from llmtune.merge import merge_adapter
-from llmtune.methods import ADAPTER_METHODS, METHODS, UNMERGEABLE_METHODS
+from llmtune.methods import METHODS
 from llmtune.models import load_tuned
-from llmtune.recipe import load_recipe
+from llmtune.recipe import METHOD_SPECS, load_recipe
 from llmtune.run import finetune
+
+# Read from the method specs' traits: methods that save an adapter, and those of them merge cannot fold in.
+ADAPTER_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.saves_adapter}
+UNMERGEABLE_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.saves_adapter and not spec.mergeable}
 
 TESTS = Path(__file__).resolve().parent
 README = TESTS.parent / "README.md"
@@ -52,14 +56,14 @@ GPT2_METHODS = {"bitfit", "head"}
 # Recipe sections each feature changes (merge, QLoRA base and distributed reuse the SFT recipe).
 FEATURE_SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "sft": {},
-    "grad_ckpt": {"training": {"gradient_checkpointing": True}},
+    "grad_ckpt": {"speed": {"gradient_checkpointing": True}},
     "packing": {"data": {"packing": True}},
-    "padding_free": {"data": {"padding_free": True}},
+    "padding_free": {"speed": {"padding_free": True}},
 }
 FEATURE_KEYS = {
-    "grad_ckpt": "training.gradient_checkpointing",
+    "grad_ckpt": "speed.gradient_checkpointing",
     "packing": "data.packing",
-    "padding_free": "data.padding_free",
+    "padding_free": "speed.padding_free",
 }
 QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
@@ -101,7 +105,7 @@ def write_recipe(root: Path, name: str, method: str, feature: str = "sft") -> Pa
         "output": {"dir": str(root / "runs" / name)},
     }
     for section, values in FEATURE_SECTIONS.get(feature, {}).items():
-        recipe[section] = {**recipe[section], **values}
+        recipe[section] = {**recipe.get(section, {}), **values}
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
@@ -357,8 +361,8 @@ def prove_sft(trained, tmp_path: Path, method: str) -> None:
 def prove_gradient_checkpointing(trained, tmp_path: Path, method: str) -> None:
     t = trained(method, "grad_ckpt")
     check_trained(t)
-    assert t.gradient_checkpointing, "training.gradient_checkpointing was set but no module checkpointed"
-    assert load_recipe(t.run / artifacts.RECIPE_FILE).training.gradient_checkpointing is True
+    assert t.gradient_checkpointing, "speed.gradient_checkpointing was set but no module checkpointed"
+    assert load_recipe(t.run / artifacts.RECIPE_FILE).speed.gradient_checkpointing is True
     # Recomputing activations changes memory, not numbers: the same 2 steps give the same loss.
     plain = trained(method)
     assert train_loss(t.run) == pytest.approx(train_loss(plain.run), rel=1e-4)
@@ -373,7 +377,7 @@ def prove_packing(trained, tmp_path: Path, method: str) -> None:
 def prove_padding_free(trained, tmp_path: Path, method: str) -> None:
     t = trained(method, "padding_free")
     check_trained(t)
-    assert t.flat_batches, "data.padding_free: the trainer still padded its batches"
+    assert t.flat_batches, "speed.padding_free: the trainer still padded its batches"
     # 'auto', the default, puts rows end to end too.
     assert trained(method).flat_batches
 

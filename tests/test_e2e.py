@@ -272,8 +272,10 @@ def test_save_reload_round_trip_gives_identical_logits(make_recipe, monkeypatch,
 
     monkeypatch.setattr(llmtune.run, "_save_weights", keep_model)
     # Compared in float32 with the end-of-training model, whose frozen weights frozen_bf16 would round.
-    training = {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "frozen_bf16": False}
-    result = llmtune.run.finetune(make_recipe(name=method["name"], method=method, training=training))
+    training = {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0}
+    result = llmtune.run.finetune(
+        make_recipe(name=method["name"], method=method, training=training, speed={"frozen_bf16": False})
+    )
 
     first, tokenizer = load_tuned(result.run.path)
     second, _ = load_tuned(result.run.path)

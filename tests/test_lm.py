@@ -106,7 +106,7 @@ def test_text_shorter_than_one_block_is_refused(tmp_path: Path):
     [
         ("data.format=chat", "data.format: objective lm trains on plain text"),
         ("data.packing=true", "data.packing: objective lm already packs"),
-        ("data.padding_free=true", "data.padding_free: only objective sft puts rows end to end"),
+        ("speed.padding_free=true", "speed.padding_free: only objective sft puts rows end to end"),
         ("eval.metrics=[perplexity, bleu]", "eval.metrics: bleu do not apply to objective lm"),
     ],
 )

@@ -27,10 +27,14 @@ import llmtune.run
 from llmtune import artifacts
 from llmtune.evaluation import complete, evaluate
 from llmtune.merge import merge_adapter
-from llmtune.methods import ADAPTER_METHODS, METHODS, UNMERGEABLE_METHODS
+from llmtune.methods import METHODS
 from llmtune.models import load_model, load_tokenizer, load_tuned, parameter_counts
-from llmtune.recipe import MethodSpec, load_recipe
+from llmtune.recipe import METHOD_SPECS, MethodSpec, load_recipe
 from llmtune.run import finetune
+
+# Read from the method specs' traits: methods that save an adapter, and those of them merge cannot fold in.
+ADAPTER_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.saves_adapter}
+UNMERGEABLE_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.saves_adapter and not spec.mergeable}
 
 LLAMA, GPT2 = "tiny:llama", "tiny:gpt2"
 PROBE_PROMPTS = ["Count: ab ab ab", "hi", "Hello there, how many words is this?"]
@@ -344,14 +348,14 @@ RECIPE_ERRORS = [
     ),
     pytest.param(
         {"name": "prefix"},
-        {"gradient_checkpointing": True},
-        ["training.gradient_checkpointing", "prefix"],
+        {"speed": {"gradient_checkpointing": True}},
+        ["speed.gradient_checkpointing", "prefix"],
         id="prefix-with-gradient-checkpointing",
     ),
     pytest.param(
         {"name": "lora"},
-        {"gradient_checkpointing": True, "fsdp": True, "fsdp_config": {"fsdp_activation_checkpointing": True}},
-        ["training.gradient_checkpointing", "fsdp_config.activation_checkpointing", "auto"],
+        {"fsdp": True, "fsdp_config": {"fsdp_activation_checkpointing": True}, "speed": {"gradient_checkpointing": True}},
+        ["speed.gradient_checkpointing", "fsdp_config.activation_checkpointing", "auto"],
         id="gradient-checkpointing-twice-under-fsdp",
     ),
     pytest.param({"name": "layers", "pattern": "("}, {}, ["pattern", "regex"], id="layers-bad-regex"),
@@ -384,13 +388,15 @@ RECIPE_ERRORS = [
 
 @pytest.mark.parametrize(("method", "training", "fragments"), RECIPE_ERRORS)
 def test_bad_method_options_are_one_line_recipe_errors(make_recipe, method, training, fragments):
-    path = make_recipe(method=method, training=_training(**training))
+    speed = training.get("speed", {})
+    training = {key: value for key, value in training.items() if key != "speed"}
+    path = make_recipe(method=method, training=_training(**training), speed=speed)
     with expect_error(str(path), *fragments):
         load_recipe(path)
 
 
 def test_refused_combination_fails_before_any_model_loads_or_run_dir_is_written(make_recipe, monkeypatch):
-    path = make_recipe(method={"name": "prefix"}, training=_training(gradient_checkpointing=True))
+    path = make_recipe(method={"name": "prefix"}, training=_training(), speed={"gradient_checkpointing": True})
     loaded = []
     monkeypatch.setattr(llmtune.run, "load_base_model", lambda *a, **k: loaded.append(a))
     with expect_error("gradient_checkpointing"):
@@ -510,8 +516,8 @@ E2E_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "head-shared": (GPT2, {"name": "head", "tied": "shared"}, {}),
     "layers": (LLAMA, {"name": "layers"}, {}),
     "full": (LLAMA, {"name": "full"}, {}),
-    "lora-gc": (LLAMA, {"name": "lora"}, {"gradient_checkpointing": True}),
-    "prompt-gc": (LLAMA, {"name": "prompt"}, {"gradient_checkpointing": True}),
+    "lora-gc": (LLAMA, {"name": "lora"}, {"speed": {"gradient_checkpointing": True}}),
+    "prompt-gc": (LLAMA, {"name": "prompt"}, {"speed": {"gradient_checkpointing": True}}),
 }
 GC_CASES = ["lora-gc", "prompt-gc"]
 # Scoring and generation on two held-out rows exercise every path (prefix cache, virtual tokens) at a third of the cost.
@@ -526,7 +532,9 @@ def method_of(case: str) -> str:
     return E2E_CASES[case][1]["name"]
 
 
-def write_recipe(root: Path, name: str, ref: str, method: dict[str, Any], **training: Any) -> Path:
+def write_recipe(
+    root: Path, name: str, ref: str, method: dict[str, Any], speed: dict[str, Any] | None = None, **training: Any
+) -> Path:
     write_jsonl(root / "data" / "train.jsonl", chat_rows(24))
     write_jsonl(root / "data" / "eval.jsonl", chat_rows(6))
     recipe = {
@@ -535,9 +543,10 @@ def write_recipe(root: Path, name: str, ref: str, method: dict[str, Any], **trai
         "objective": {"name": "sft"},
         "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
         # lr 1e-2 so three steps move every method's weights well away from their start. The end-of-training
-        # model is compared with the saved run in float32; training.frozen_bf16 would leave its frozen weights
+        # model is compared with the saved run in float32; speed.frozen_bf16 would leave its frozen weights
         # rounded to bf16 (tests/test_speed.py checks that lever's save and reload under autocast).
-        "training": _training(frozen_bf16=False, **training),
+        "training": _training(**training),
+        "speed": {"frozen_bf16": False, **(speed or {})},
         "eval": {"max_new_tokens": 4, "batch_size": 4},
         "output": {"dir": str(root / "runs" / name)},
     }
@@ -762,7 +771,7 @@ def test_gradient_checkpointing_trains(trained, case: str):
     assert math.isfinite(t.metrics["train_loss"]) and t.metrics["steps"] == 3
     assert math.isfinite(t.metrics["eval_loss"])
     recipe = load_recipe(t.run / artifacts.RECIPE_FILE)
-    assert recipe.training.gradient_checkpointing is True
+    assert recipe.speed.gradient_checkpointing is True
     # It trained what the method trains, and the weights moved.
     plain = trained(case.removesuffix("-gc"))
     assert set(t.trainable) == set(plain.trainable)

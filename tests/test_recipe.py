@@ -202,7 +202,7 @@ def test_set_overrides_win_over_file_and_are_validated(tmp_path):
         load_recipe(path, ["training.max_stesp=5"])
 
 
-@pytest.mark.parametrize("key", ["training.bf16", "data.padding_free"])
+@pytest.mark.parametrize("key", ["training.bf16", "speed.padding_free"])
 def test_auto_or_bool_options_name_every_choice(tmp_path, key):
     path = write_recipe(tmp_path)
     section, name = key.split(".")

@@ -14,15 +14,19 @@ import pytest
 import torch
 from conftest import chat_rows, write_jsonl
 
+from llmtune.accel import Device, current_device, resolve
+from llmtune.accel.loss import TargetedLoss
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.evaluation import pad_batch
-from llmtune.loss import TargetedLoss
 from llmtune.methods import METHODS
 from llmtune.models import load_model, load_tokenizer
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
-from llmtune.training import use_bf16
+
+# Devices the speed plan is resolved for: a CPU with native bf16 (AMX or AVX512-BF16) and a GPU with it.
+CPU = Device("cpu", "test CPU", native_bf16=True)
+GPU = Device("cuda", "test GPU", native_bf16=True)
 
 
 def _batch(tokenizer, n: int = 5):
@@ -137,16 +141,19 @@ def test_targeted_loss_in_a_pack_never_predicts_across_rows(one_torch_thread):
 )
 def test_bf16_setting_resolves_as_documented(make_recipe, training, method, expected):
     recipe = load_recipe(make_recipe(method={"name": method}, training={"max_steps": 1, **training}))
-    assert use_bf16(recipe) is expected
+    assert resolve(recipe, CPU, load_model("tiny:llama")).bf16 is expected
 
 
 def test_bf16_auto_follows_the_cpu(make_recipe, monkeypatch):
     recipe = load_recipe(make_recipe(training={"max_steps": 1}))
+    model = load_model("tiny:llama")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     for native in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        assert use_bf16(recipe) is native
+        device = current_device()
+        assert device.kind == "cpu" and device.native_bf16 is native
+        assert resolve(recipe, device, model).bf16 is native
 
 
 def test_length_grouping_cuts_padding(make_recipe, sft_trainers, tmp_path):
@@ -165,9 +172,9 @@ def test_length_grouping_cuts_padding(make_recipe, sft_trainers, tmp_path):
                 "eval_split": 0.0,
                 "format": "chat",
                 "max_length": 256,
-                "padding_free": False,
             },
             training={"max_steps": 1, "batch_size": 8, "group_by_length": grouped, "bf16": False},
+            speed={"padding_free": False},
         )
         finetune(path)
         padded = real_tokens = 0
@@ -188,7 +195,6 @@ def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
                 "eval": "data/eval.jsonl",
                 "format": "chat",
                 "max_length": 96,
-                "padding_free": fast,
             },
             training={
                 "max_steps": 4,
@@ -196,11 +202,9 @@ def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
                 "learning_rate": 1e-2,
                 "logging_steps": 1,
                 "bf16": fast,
-                "fused_loss": fast,
-                "fused_blocks": fast,
-                "fused_lora": fast,
                 "group_by_length": False,
             },
+            speed={"padding_free": fast, "fused_loss": fast, "fused_kernels": fast, "fused_lora": fast},
         )
         run = finetune(path).run
         log = [json.loads(line) for line in (run.path / "trainer_log.jsonl").read_text().splitlines()]
@@ -252,7 +256,7 @@ def _seeded_step(model, batch, autocast: bool) -> tuple[float, int, dict]:
     ids=["lora", "bitfit"],
 )
 def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(ref, method, one_torch_thread):
-    from llmtune.precision import route_frozen_linears
+    from llmtune.accel.precision import route_frozen_linears
 
     model, tokenizer = _perturbed_model(ref, method)
     batch = _batch(tokenizer)
@@ -290,7 +294,7 @@ def test_recast_frozen_linears_keeps_numbers_and_drops_the_bf16_weight_copies(re
 
 @pytest.mark.parametrize("recast", [True, False], ids=["recast", "autocast-copies"])
 def test_frozen_weights_stored_in_bf16_give_the_same_numbers_in_half_the_bytes(recast, one_torch_thread):
-    from llmtune.precision import route_frozen_linears
+    from llmtune.accel.precision import route_frozen_linears
 
     model, tokenizer = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0})
     batch = _batch(tokenizer)
@@ -334,7 +338,7 @@ def test_frozen_weights_stored_in_bf16_give_the_same_numbers_in_half_the_bytes(r
     ids=["tied", "targeted-head"],
 )
 def test_the_embeddings_weights_stay_in_float32(ref, targets, one_torch_thread):
-    from llmtune.precision import route_frozen_linears
+    from llmtune.accel.precision import route_frozen_linears
 
     model, _ = _perturbed_model(ref, {"name": "lora", "r": 4, "dropout": 0.0, **targets})
     head = model.get_output_embeddings()
@@ -352,16 +356,16 @@ def test_the_embeddings_weights_stay_in_float32(ref, targets, one_torch_thread):
     ],
 )
 def test_frozen_bf16_true_is_refused_where_the_run_saves_or_reads_frozen_weights(method, make_recipe):
-    with pytest.raises(LLMTuneError, match=f"training.frozen_bf16: method {method} saves or reads"):
-        load_recipe(make_recipe(method={"name": method}, training={"frozen_bf16": True}))
+    with pytest.raises(LLMTuneError, match=f"speed.frozen_bf16: method {method} saves or reads"):
+        load_recipe(make_recipe(method={"name": method}, speed={"frozen_bf16": True}))
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_training(
     method, make_recipe, sft_trainers
 ):
-    training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True, "frozen_bf16": True}
-    run = finetune(make_recipe(method={"name": method}, training=training)).run
+    training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True}
+    run = finetune(make_recipe(method={"name": method}, training=training, speed={"frozen_bf16": True})).run
     model = sft_trainers[0].model
     head = model.get_output_embeddings()
     blocks = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad and m is not head]
@@ -370,9 +374,9 @@ def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_
     if not torch.cuda.is_available():  # compared as training ran, on the CPU
         # The saved adapter over the float32 base from its checkpoint computes under autocast exactly what
         # training computed.
-        from llmtune.attention import use_segmented_attention
+        from llmtune.accel.attention import use_segmented_attention
+        from llmtune.accel.precision import fuse_lora_layers, route_frozen_linears
         from llmtune.models import load_tuned
-        from llmtune.precision import fuse_lora_layers, route_frozen_linears
 
         reloaded, tokenizer = load_tuned(run.path)
         route_frozen_linears(reloaded)
@@ -383,50 +387,51 @@ def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_
             assert torch.equal(model.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits)
 
 
-def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while_training(monkeypatch):
-    from llmtune.objectives import _frozen_bf16
-
+def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while_training():
     recipes = Path(__file__).parents[1] / "recipes"
     quickstart, grpo = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "grpo.yaml")
-    assert quickstart.training.frozen_bf16 == grpo.training.frozen_bf16 == "auto"
+    assert quickstart.speed.frozen_bf16 == grpo.speed.frozen_bf16 == "auto"
     assert grpo.method.name == quickstart.method.name == "lora"
     dora = load_recipe(recipes / "dora.yaml")
-    for gpu in (False, True):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
-        assert _frozen_bf16(quickstart) is gpu
-        assert _frozen_bf16(grpo) is _frozen_bf16(dora) is False
-    with pytest.raises(LLMTuneError, match="training.frozen_bf16: objective grpo generates between steps"):
-        load_recipe(recipes / "grpo.yaml", ["training.frozen_bf16=true"])
+    model = load_model("tiny:llama")
+    for device in (CPU, GPU):
+        assert resolve(quickstart, device, model).frozen_bf16 is device.gpu
+        assert resolve(grpo, device, model).frozen_bf16 is resolve(dora, device, model).frozen_bf16 is False
+    with pytest.raises(LLMTuneError, match="speed.frozen_bf16: objective grpo generates between steps"):
+        load_recipe(recipes / "grpo.yaml", ["speed.frozen_bf16=true"])
 
 
-def test_gradient_checkpointing_auto_is_on_a_gpu_unless_prefixes_or_fsdp_checkpoint(monkeypatch, tmp_path):
+def test_gradient_checkpointing_auto_is_on_a_gpu_unless_prefixes_or_fsdp_checkpoint(tmp_path):
     from trl import SFTConfig
 
     from llmtune.objectives import training_args
-    from llmtune.training import use_gradient_checkpointing
 
     recipes = Path(__file__).parents[1] / "recipes"
     quickstart, prefix = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "prefix.yaml")
     sharded = load_recipe(recipes / "quickstart.yaml", ["training.fsdp=true"])
-    assert quickstart.training.gradient_checkpointing == prefix.training.gradient_checkpointing == "auto"
+    assert quickstart.speed.gradient_checkpointing == prefix.speed.gradient_checkpointing == "auto"
+    model = load_model("tiny:llama")
     # TRL's own default is on; on this CPU the resolved value must reach the trainer's arguments.
     assert next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "gradient_checkpointing") is True
-    assert training_args(SFTConfig, quickstart, tmp_path).gradient_checkpointing is False
-    for gpu in (False, True):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
-        assert use_gradient_checkpointing(quickstart) is use_gradient_checkpointing(sharded) is gpu
-        assert use_gradient_checkpointing(prefix) is False
+    plan = resolve(quickstart, CPU, model)
+    assert training_args(SFTConfig, quickstart, plan, tmp_path).gradient_checkpointing is False
+    for device in (CPU, GPU):
+        gpu = device.gpu
+        assert resolve(quickstart, device, model).gradient_checkpointing is gpu
+        assert resolve(sharded, device, model).gradient_checkpointing is gpu
+        assert resolve(prefix, device, model).gradient_checkpointing is False
         for key in ("activation_checkpointing", "fsdp_activation_checkpointing"):
             sharded.training.fsdp_config = {key: True}
-            assert use_gradient_checkpointing(sharded) is False
+            assert resolve(sharded, device, model).gradient_checkpointing is False
         sharded.training.fsdp_config = {}
-    forced = load_recipe(recipes / "quickstart.yaml", ["training.gradient_checkpointing=true"])
-    assert use_gradient_checkpointing(forced) is True
+    forced = load_recipe(recipes / "quickstart.yaml", ["speed.gradient_checkpointing=true"])
+    assert resolve(forced, CPU, model).gradient_checkpointing is True
+    assert training_args(SFTConfig, forced, resolve(forced, CPU, model), tmp_path).gradient_checkpointing is True
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_compact_dropout_keeps_its_masks_as_booleans(autocast, one_torch_thread):
-    from llmtune.precision import compact_dropouts
+    from llmtune.accel.precision import compact_dropouts
 
     # LoRA's dropout on every targeted input, and GPT-2's own attention and residual dropout.
     model, tokenizer = _perturbed_model("tiny:gpt2", {"name": "lora", "r": 4, "dropout": 0.3})
@@ -462,7 +467,7 @@ def test_compact_dropout_keeps_its_masks_as_booleans(autocast, one_torch_thread)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
 def test_compact_dropout_drops_at_its_rate_and_scales_forward_and_backward_alike(p, dtype):
-    from llmtune.precision import _BooleanMaskDropout
+    from llmtune.accel.precision import _BooleanMaskDropout
 
     torch.manual_seed(0)
     # No zeros: a zero output means a dropped element.
@@ -493,7 +498,7 @@ def test_compact_dropout_drops_at_its_rate_and_scales_forward_and_backward_alike
 
 
 def test_full_precision_outputs_keep_a_small_adapter_delta_that_a_bf16_sum_rounds_away(one_torch_thread):
-    from llmtune.precision import route_frozen_linears
+    from llmtune.accel.precision import route_frozen_linears
 
     model, tokenizer = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0})
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
@@ -542,7 +547,7 @@ def _relative_error(grads: dict, reference: dict) -> float:
 def test_fused_lora_keeps_loss_and_gradients_and_saves_no_more(dropout, full_precision_outputs, one_torch_thread):
     from peft.tuners.lora import Linear as LoraLinear
 
-    from llmtune.precision import compact_dropouts, fuse_lora_layers, route_frozen_linears
+    from llmtune.accel.precision import compact_dropouts, fuse_lora_layers, route_frozen_linears
 
     model, tokenizer = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": dropout})
     model.train()
@@ -576,8 +581,8 @@ def test_fused_lora_keeps_loss_and_gradients_and_saves_no_more(dropout, full_pre
 def test_fused_lora_auto_routes_every_lora_layer_of_a_cpu_run(fused_lora, routed, make_recipe, sft_trainers):
     from peft.tuners.lora import Linear as LoraLinear
 
-    training = {"max_steps": 1, "bf16": True, "fused_lora": fused_lora}
-    finetune(make_recipe(method={"name": "lora", "dropout": 0.1}, training=training))
+    training = {"max_steps": 1, "bf16": True}
+    finetune(make_recipe(method={"name": "lora", "dropout": 0.1}, training=training, speed={"fused_lora": fused_lora}))
     layers = [m for m in sft_trainers[0].model.modules() if type(m) is LoraLinear]
     assert layers and all(("forward" in vars(m)) is routed for m in layers)
 
@@ -585,7 +590,7 @@ def test_fused_lora_auto_routes_every_lora_layer_of_a_cpu_run(fused_lora, routed
 def test_fused_lora_returns_what_peft_returns_over_bf16_weights_and_keeps_torch_dropout_on_request(
     one_torch_thread,
 ):
-    from llmtune.precision import compact_dropouts, fuse_lora_layers, route_frozen_linears
+    from llmtune.accel.precision import compact_dropouts, fuse_lora_layers, route_frozen_linears
 
     # training.dtype bfloat16: peft keeps the adapter in float32 over frozen bf16 weights.
     model, _ = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.0})
@@ -622,7 +627,7 @@ def test_fused_lora_returns_what_peft_returns_over_bf16_weights_and_keeps_torch_
 
 
 def test_fused_lora_leaves_every_other_case_to_peft(one_torch_thread):
-    from llmtune.precision import fuse_lora_layers
+    from llmtune.accel.precision import fuse_lora_layers
 
     batch = torch.randint(0, 64, (2, 9))
 
@@ -653,7 +658,7 @@ def test_fused_lora_leaves_every_other_case_to_peft(one_torch_thread):
 )
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_fused_blocks_keep_loss_and_gradients_and_one_intermediate_tensor_less(method, autocast, one_torch_thread):
-    from llmtune.fused import fuse_blocks
+    from llmtune.accel.fused import fuse_blocks
 
     model, tokenizer = _perturbed_model("tiny:llama", method)
     batch = _batch(tokenizer)
@@ -691,7 +696,7 @@ def test_fused_blocks_keep_loss_and_gradients_and_one_intermediate_tensor_less(m
 
 @pytest.mark.parametrize("ref, kind, looks_alike", [("tiny:t5", "seq2seq-lm", True), ("tiny:gpt2", "causal-lm", False)])
 def test_blocks_that_compute_otherwise_keep_their_forward(ref, kind, looks_alike):
-    from llmtune.fused import _fused_forward, fuse_blocks
+    from llmtune.accel.fused import _fused_forward, fuse_blocks
 
     # T5's norm has Llama's attributes and matches it on float32 inputs, not on bf16 ones; GPT-2 has LayerNorm
     # and a GELU MLP.
@@ -702,7 +707,7 @@ def test_blocks_that_compute_otherwise_keep_their_forward(ref, kind, looks_alike
 
 
 def test_a_swiglu_look_alike_with_another_activation_keeps_its_forward(one_torch_thread):
-    from llmtune.fused import fuse_blocks
+    from llmtune.accel.fused import fuse_blocks
 
     model = load_model("tiny:llama")
     odd = model.model.layers[1].mlp
@@ -716,8 +721,8 @@ def test_a_swiglu_look_alike_with_another_activation_keeps_its_forward(one_torch
 
 
 def test_blocks_with_dropout_are_fused_in_training_mode(one_torch_thread):
-    from llmtune.fused import fuse_blocks
-    from llmtune.precision import compact_dropouts
+    from llmtune.accel.fused import fuse_blocks
+    from llmtune.accel.precision import compact_dropouts
 
     # The check calls each MLP twice; its LoRA dropout must draw the same masks both times.
     model, _ = _perturbed_model("tiny:llama", {"name": "lora", "r": 4, "dropout": 0.3})
@@ -729,7 +734,7 @@ def test_blocks_with_dropout_are_fused_in_training_mode(one_torch_thread):
 def test_gated_norms_and_clamping_mlps_keep_their_forward(one_torch_thread):
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-    from llmtune.fused import fuse_blocks
+    from llmtune.accel.fused import fuse_blocks
 
     class GatedNorm(LlamaRMSNorm):  # Mamba hybrids: a second input that a one-input probe never passes
         def forward(self, hidden_states, gate=None):

@@ -1,0 +1,234 @@
+"""Training objectives: one spec class per recipe `objective.name`, with the traits the rest of llmtune reads."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from llmtune.recipe.common import Spec, models_in, spec_name
+
+class _ObjectiveOptions(Spec):
+    # Which head the trained model has: a key of llmtune.models.AUTO_CLASSES.
+    model_kind: ClassVar[str] = "causal-lm"
+    # Trains on `format: preference` rows (prompt, chosen, rejected).
+    pairs: ClassVar[bool] = False
+    # Generates between optimizer steps, outside autocast (so its frozen weights must stay in their own dtype).
+    generates_while_training: ClassVar[bool] = False
+    # Trains by next-token cross-entropy over labelled positions through TRL's SFT trainer, whose loss
+    # speed.fused_loss computes without the other positions' logits and whose batches may be padding-free.
+    token_loss: ClassVar[bool] = False
+
+    def head_config(self) -> dict[str, Any]:
+        """Config attributes the model needs for this objective (e.g. the labels of a classification head)."""
+        return {}
+
+
+class SFTSpec(_ObjectiveOptions):
+    name: Literal["sft"]
+    token_loss: ClassVar[bool] = True
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="'response': assistant turns / completions only; 'all': every token"
+    )
+
+
+class _PreferenceOptions(_ObjectiveOptions):
+    pairs: ClassVar[bool] = True
+
+
+class DPOSpec(_PreferenceOptions):
+    name: Literal["dpo"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
+    )
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
+    ] = Field("sigmoid", description="'sigmoid' is the DPO paper's loss; the others are TRL's variants")
+
+
+class ORPOSpec(_PreferenceOptions):
+    name: Literal["orpo"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="weight of the odds-ratio term next to the chosen response's NLL"
+    )
+
+
+class SimPOSpec(_PreferenceOptions):
+    name: Literal["simpo"]
+    beta: float = Field(
+        2.0, gt=0, allow_inf_nan=False, description="scale of the reward, the length-normalised log-probability"
+    )
+    gamma: float = Field(0.5, ge=0, allow_inf_nan=False, description="target reward margin of chosen over rejected")
+
+
+class KTOSpec(_PreferenceOptions):
+    name: Literal["kto"]
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="loss weight of chosen responses (desirable examples)")
+    undesirable_weight: float = Field(1.0, gt=0, description="loss weight of rejected responses (undesirable examples)")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="'kto' (the paper's loss, with a KL estimate) or 'apo_zero_unpaired'"
+    )
+
+
+class RewardModelSpec(_PreferenceOptions):
+    """A scalar reward r(prompt, response) trained so that r(chosen) > r(rejected) (Bradley-Terry loss)."""
+
+    name: Literal["reward-model"]
+    model_kind: ClassVar[str] = "sequence-classification"
+    center_rewards: float | None = Field(
+        None, ge=0, description="weight of a penalty on the mean reward, keeping rewards centred on 0 (e.g. 0.01)"
+    )
+
+    def head_config(self) -> dict[str, Any]:
+        return {"num_labels": 1}
+
+
+RewardName = Literal["exact_match", "iso_date", "similarity"]
+
+
+class GRPOSpec(_ObjectiveOptions):
+    name: Literal["grpo"]
+    generates_while_training: ClassVar[bool] = True
+    reward: Union[RewardName, list[RewardName]] = Field(
+        "exact_match",
+        description="rule-based reward(s): exact_match (completion equals the row's reference), iso_date "
+        "(completion is a valid YYYY-MM-DD date), similarity (partial credit: character overlap with the "
+        "reference); several are summed",
+    )
+    reward_model: str | None = Field(
+        None,
+        description="also score completions with a reward model: a reward-model run directory or a local "
+        "sequence-classification checkpoint (relative to the recipe file)",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="one weight per reward (the reward model's last); default all 1"
+    )
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt; advantages compare them")
+    max_completion_length: int = Field(32, gt=0, description="tokens generated per completion")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="sampling temperature; diversity in a group")
+
+    @property
+    def rewards(self) -> list[str]:
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward)
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOSpec:
+        n = len(self.rewards) + (self.reward_model is not None)
+        if n == 0:
+            raise ValueError("reward: name at least one reward, or set reward_model")
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {n} rewards")
+        return self
+
+
+class LMSpec(_ObjectiveOptions):
+    """Language modelling / continued pretraining: text joined with EOS and cut into data.max_length blocks."""
+
+    name: Literal["lm"]
+    token_loss: ClassVar[bool] = True
+    eval_metrics: ClassVar[tuple[str, ...]] = ("perplexity",)
+
+
+class ClassifySpec(_ObjectiveOptions):
+    """Sequence classification: a new head over the model maps each text to one of `labels`."""
+
+    name: Literal["classify"]
+    labels: list[str] = Field(
+        min_length=2, description="class names; a row's label is one of them or its index (0 = the first)"
+    )
+    model_kind: ClassVar[str] = "sequence-classification"
+    eval_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str]) -> list[str]:
+        if any(not label.strip() for label in labels):
+            raise ValueError("a label name is empty")
+        if len(set(labels)) != len(labels):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return labels
+
+    def head_config(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+        }
+
+
+class StudentSpec(Spec):
+    from_teacher: Literal["every_other_layer"] = Field(
+        description="build the student from the teacher (DistilBERT's trick): its config with half the blocks, "
+        "copying embeddings, final norm, head and blocks 0, 2, 4, ..."
+    )
+
+
+class DistillSpec(_ObjectiveOptions):
+    name: Literal["distill"]
+    teacher: str = Field(description="model reference or run directory (a tuned teacher); frozen during training")
+    temperature: float = Field(
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="softens both distributions; >1 shows the teacher's ranking of wrong tokens",
+    )
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="loss = alpha * CE(data) + (1 - alpha) * T^2 * divergence(teacher, student)"
+    )
+    divergence: Literal["forward", "reverse", "jsd"] = Field(
+        "forward",
+        description="forward KL(teacher||student): covers every teacher mode; reverse: mode-seeking; "
+        "jsd: generalised Jensen-Shannon with beta",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="jsd only: weight of the teacher in the mixture M = beta * teacher + (1 - beta) * student "
+        "(TRL's generalised JSD; default 0.5)",
+    )
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="tokens that carry both losses: 'response' (completions) or 'all'"
+    )
+    student: StudentSpec | None = Field(
+        None, description="null: the recipe's model + method is the student; or {from_teacher: every_other_layer}"
+    )
+
+    @model_validator(mode="after")
+    def _beta_for_jsd(self) -> DistillSpec:
+        if self.divergence != "jsd" and self.beta is not None:
+            raise ValueError(f"beta is only used with divergence: jsd (divergence is {self.divergence!r})")
+        return self
+
+
+class Seq2SeqSpec(_ObjectiveOptions):
+    """Encoder-decoder training (T5 family): the source goes to the encoder, the loss is on the decoder's target."""
+
+    name: Literal["seq2seq"]
+    model_kind: ClassVar[str] = "seq2seq-lm"
+    # Read by data.py: rows are encoded as a source and a target sequence, not one sequence with a masked prompt.
+    loss_on: ClassVar[str] = "target"
+
+
+ObjectiveSpec = Annotated[
+    Union[
+        SFTSpec,
+        DistillSpec,
+        LMSpec,
+        ClassifySpec,
+        Seq2SeqSpec,
+        DPOSpec,
+        ORPOSpec,
+        SimPOSpec,
+        KTOSpec,
+        GRPOSpec,
+        RewardModelSpec,
+    ],
+    Field(discriminator="name"),
+]
+
+OBJECTIVE_SPECS: dict[str, type[_ObjectiveOptions]] = {spec_name(m): m for m in models_in(ObjectiveSpec)}

@@ -1,0 +1,223 @@
+"""Cross-field rules: each a named function that refuses one combination of keys, and the defaults that depend on
+other keys, resolved in one place.
+
+A rule raises ValueError naming the key to change; it never changes the recipe. The loader turns the message into
+the one-line error the user sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from llmtune.recipe.data import SEQ2SEQ_FORMATS
+from llmtune.recipe.methods import METHOD_SPECS
+from llmtune.recipe.objectives import OBJECTIVE_SPECS
+
+if TYPE_CHECKING:
+    from llmtune.recipe.schema import Recipe
+
+
+def resolve_defaults(recipe: Recipe) -> None:
+    """Fill the defaults that depend on other sections, for keys the recipe leaves unset."""
+    objective, data = recipe.objective, recipe.data
+    if data.format == "text" and objective.name == "sft" and objective.loss_on == "response":
+        objective.loss_on = "all"  # plain text has no response part: every token is the target
+    if objective.name == "seq2seq" and "chat_template" not in data.model_fields_set:
+        data.chat_template = False  # an encoder reads its source as plain text
+    if objective.name == "distill" and objective.divergence == "jsd" and objective.beta is None:
+        objective.beta = 0.5
+    allowed = getattr(type(objective), "eval_metrics", None)
+    if allowed is not None and "metrics" not in recipe.eval.model_fields_set:
+        recipe.eval.metrics = list(allowed)
+
+
+def check_preference_data(recipe: Recipe) -> None:
+    """Preference objectives and preference data come together, and a pair cannot be packed."""
+    objective, data = recipe.objective, recipe.data
+    if objective.pairs and data.format != "preference":
+        raise ValueError(
+            f"data.format: objective {objective.name} trains on pairs of responses; set data.format: preference "
+            "(columns prompt, chosen, rejected)"
+        )
+    if data.format == "preference" and not objective.pairs:
+        names = ", ".join(name for name, spec in OBJECTIVE_SPECS.items() if spec.pairs)
+        raise ValueError(f"data.format: preference data needs a preference objective ({names}), not {objective.name}")
+    if objective.pairs and data.packing:
+        raise ValueError(
+            f"data.packing: {objective.name} compares a chosen and a rejected sequence row by row; pairs cannot be "
+            "packed; set data.packing: false"
+        )
+
+
+def check_grpo(recipe: Recipe) -> None:
+    objective, data, t = recipe.objective, recipe.data, recipe.training
+    if objective.name != "grpo":
+        return
+    if data.format not in ("prompt_completion", "chat", "instruction"):
+        raise ValueError(
+            f"data.format: grpo samples completions for prompts and scores them against each row's reference; "
+            f"use prompt_completion (or chat / instruction), not {data.format}"
+        )
+    if data.packing:
+        raise ValueError("data.packing: grpo generates from single prompts; set data.packing: false")
+    if (t.batch_size * t.grad_accum) % objective.num_generations:
+        raise ValueError(
+            f"training.batch_size: grpo fills each step with whole groups of "
+            f"num_generations={objective.num_generations} completions; batch_size x grad_accum "
+            f"({t.batch_size} x {t.grad_accum}) must be a multiple of it"
+        )
+
+
+def check_adapter_on_head(recipe: Recipe) -> None:
+    # TRL's DPO, KTO and GRPO trainers compute log-probabilities from lm_head.weight directly, so an adapter
+    # on the head would never train; TRL would refuse only after the model has loaded.
+    targets = getattr(recipe.method, "target_modules", None)
+    if recipe.objective.name in ("dpo", "kto", "grpo") and isinstance(targets, list) and "lm_head" in targets:
+        raise ValueError(
+            f"method.target_modules: {recipe.objective.name} reads the output head's weights directly, so an adapter "
+            "on lm_head would never train; remove lm_head from target_modules"
+        )
+
+
+def check_distill(recipe: Recipe) -> None:
+    objective = recipe.objective
+    if objective.name != "distill":
+        return
+    if recipe.data.packing:
+        raise ValueError("data.packing: objective distill compares teacher and student per row; set it to false")
+    if objective.student is not None:
+        if recipe.model != objective.teacher:
+            raise ValueError(
+                f"model: objective.student.from_teacher builds the student from the teacher, so model must name "
+                f"the teacher ({objective.teacher!r}), not {recipe.model!r}"
+            )
+        if recipe.method.name == "qlora":
+            raise ValueError(
+                "method qlora: a student built from the teacher is a new model, not a frozen pretrained base; "
+                "use full, lora or another method"
+            )
+
+
+def check_seq2seq(recipe: Recipe) -> None:
+    data = recipe.data
+    if recipe.objective.name != "seq2seq":
+        return
+    if data.format not in SEQ2SEQ_FORMATS:
+        raise ValueError(
+            f"data.format: objective seq2seq maps a source to a target; use {' or '.join(SEQ2SEQ_FORMATS)} "
+            f"(prompt -> completion, instruction + input -> output), not {data.format!r}"
+        )
+    if data.packing:
+        raise ValueError("data.packing: objective seq2seq pads source and target per row; set it to false")
+    if data.chat_template:
+        raise ValueError(
+            "data.chat_template: an encoder-decoder reads the source as plain text; remove it or set it to false"
+        )
+    if recipe.method.virtual_tokens:
+        raise ValueError(
+            f"method {recipe.method.name}: virtual tokens are not supported with objective seq2seq here; "
+            "use lora, full or another method that changes weights"
+        )
+
+
+def check_rows_end_to_end(recipe: Recipe) -> None:
+    """Packing and padding-free batches put rows end to end, which virtual tokens and most objectives cannot use."""
+    method = recipe.method
+    for key, value in (("data.packing", recipe.data.packing), ("speed.padding_free", recipe.speed.padding_free)):
+        if value is True and method.virtual_tokens:
+            raise ValueError(
+                f"{key}: {method.name} adds virtual tokens in front of each sequence, so with rows end to end only "
+                f"the first row would get them; set {key}: false"
+            )
+    if recipe.speed.padding_free is True and recipe.objective.name != "sft":
+        raise ValueError(
+            f"speed.padding_free: only objective sft puts rows end to end; remove it for {recipe.objective.name}"
+        )
+
+
+def check_frozen_bf16(recipe: Recipe) -> None:
+    if recipe.speed.frozen_bf16 is not True:
+        return
+    if not recipe.method.frozen_weights_unused:
+        allowed = ", ".join(name for name, spec in METHOD_SPECS.items() if spec.frozen_weights_unused)
+        raise ValueError(
+            f"speed.frozen_bf16: method {recipe.method.name} saves or reads its frozen weights; only {allowed} may "
+            "keep them in bf16; set it to auto or false"
+        )
+    if recipe.objective.generates_while_training:
+        raise ValueError(
+            f"speed.frozen_bf16: objective {recipe.objective.name} generates between steps, outside autocast; set it "
+            "to auto or false"
+        )
+
+
+def check_gradient_checkpointing(recipe: Recipe) -> None:
+    if recipe.speed.gradient_checkpointing is not True:
+        return
+    if recipe.training.fsdp_checkpoints:
+        raise ValueError(
+            "speed.gradient_checkpointing: training.fsdp_config.activation_checkpointing already checkpoints each "
+            "layer; set one of them to false (gradient_checkpointing may stay auto)"
+        )
+    if recipe.method.name == "prefix":
+        raise ValueError(
+            "speed.gradient_checkpointing: prefix tuning feeds its prefixes through the key/value cache, which "
+            "gradient checkpointing switches off; set it to auto or false"
+        )
+
+
+# Levers that replace a layer's forward or the loss: a sharding engine owns the weights outside the forward pass.
+UNSHARDED_LEVERS = ("fused_loss", "fused_kernels", "fused_lora", "frozen_bf16", "recast_frozen")
+
+
+def check_speed_under_sharding(recipe: Recipe) -> None:
+    if not recipe.training.sharded:
+        return
+    for key in UNSHARDED_LEVERS:
+        if getattr(recipe.speed, key) is True:
+            raise ValueError(
+                f"speed.{key}: fsdp and deepspeed own the weights outside the forward pass, where this lever works; "
+                "set it to auto or false"
+            )
+
+
+def check_objective_data(recipe: Recipe) -> None:
+    objective, data = recipe.objective.name, recipe.data
+    if objective == "lm":
+        if data.format != "text":
+            raise ValueError("data.format: objective lm trains on plain text; set data.format: text")
+        if data.packing:
+            raise ValueError("data.packing: objective lm already packs the text into data.max_length blocks")
+    if (objective == "classify") != (data.format == "classification"):
+        raise ValueError(
+            "data.format: objective classify reads data.format: classification (text and label columns), "
+            "and that format is only for objective classify"
+        )
+    if objective == "classify" and data.packing:
+        raise ValueError("data.packing: a classifier reads one text per sequence; set data.packing: false")
+
+
+def check_eval_metrics(recipe: Recipe) -> None:
+    allowed = getattr(type(recipe.objective), "eval_metrics", None)
+    if allowed is not None and (bad := [m for m in recipe.eval.metrics if m not in allowed]):
+        raise ValueError(
+            f"eval.metrics: {', '.join(bad)} do not apply to objective {recipe.objective.name}; it reports "
+            f"{', '.join(allowed)}"
+        )
+
+
+# In the order they are checked: the first that fails is the error the user sees.
+RULES: tuple[Callable[[Recipe], None], ...] = (
+    check_preference_data,
+    check_grpo,
+    check_adapter_on_head,
+    check_distill,
+    check_seq2seq,
+    check_rows_end_to_end,
+    check_frozen_bf16,
+    check_gradient_checkpointing,
+    check_speed_under_sharding,
+    check_objective_data,
+    check_eval_metrics,
+)

@@ -1,0 +1,75 @@
+"""The `training:`, `eval:` and `output:` sections: what a user tunes about a run, how it is scored, where it goes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from llmtune.recipe.common import AutoOrBool, Spec
+
+
+class TrainingSpec(Spec):
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the data when max_steps is absent (default 1)")
+    batch_size: int = Field(8, gt=0, description="rows per device per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2.0e-4, gt=0, allow_inf_nan=False)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    logging_steps: int = Field(5, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
+    bf16: AutoOrBool = Field(
+        "auto",
+        description="mixed precision: matmuls in bfloat16 under autocast, weights and optimizer state in "
+        "training.dtype; 'auto' = where the hardware computes bfloat16 natively (CUDA with bf16, CPUs with "
+        "AVX512-BF16 or AMX)",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="draw batches of rows of similar length: less padding, but each step then weighs short and "
+        "long rows differently, which can cost held-out loss",
+    )
+    save_steps: int | None = Field(
+        50, gt=0, description="checkpoint every N optimizer steps (and at the end); null: only at the end"
+    )
+    keep_checkpoints: int | None = Field(2, gt=0, description="newest checkpoints kept on disk; null: all")
+    fsdp: bool = Field(False, description="shard with PyTorch FSDP when launched with torchrun / accelerate")
+    fsdp_config: dict[str, Any] = Field(default_factory=dict, description="FSDP options, as transformers takes them")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config file (relative to the recipe file)")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers; TensorBoard event files go to RUN/tensorboard",
+    )
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a sharding engine owns the weights outside the forward pass."""
+        return self.fsdp or self.deepspeed is not None
+
+    @property
+    def fsdp_checkpoints(self) -> bool:
+        """Whether FSDP runs its own activation checkpointing (transformers reads the key with or without the
+        'fsdp_' prefix)."""
+        config = self.fsdp_config
+        return self.fsdp and bool(config.get("activation_checkpointing") or config.get("fsdp_activation_checkpointing"))
+
+
+METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")
+
+
+class EvalSpec(Spec):
+    metrics: list[Literal["perplexity", "bleu", "rouge", "exact_match", "accuracy", "f1"]] = Field(
+        default_factory=lambda: list(METRIC_NAMES),
+        description="default: what the objective reports (sft: the first four; classify: accuracy, macro-F1)",
+    )
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_examples: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
+
+
+class OutputSpec(Spec):
+    dir: str | None = Field(None, description="run directory; default runs/<recipe file name>")
