@@ -17,7 +17,7 @@ import yaml
 from conftest import expect_error, write_jsonl
 from typer.testing import CliRunner
 
-from llmtune import metrics
+from llmtune import accel, metrics
 from llmtune.cli.app import app
 from llmtune.data import PreferenceSample, encode, encode_preference, prepare_data, split_samples
 from llmtune.evaluation import evaluate
@@ -72,7 +72,8 @@ def build_trainer(recipe_path: Path):
     model = load_base_model(recipe)
     model = METHODS[recipe.method.name](recipe.method, model, tokenizer, task_type=PEFT_TASK_TYPES["causal-lm"])
     out = Path(recipe.output.dir)
-    return OBJECTIVES[recipe.objective.name](recipe, model, tokenizer, data, out, callbacks=[])
+    plan = accel.resolve(recipe, accel.current_device(), model, data.train)
+    return OBJECTIVES[recipe.objective.name](recipe, model, tokenizer, data, out, callbacks=[], plan=plan)
 
 
 # --- data ------------------------------------------------------------------------------------------

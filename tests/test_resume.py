@@ -730,6 +730,7 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
 
     from llmtune.data import prepare_data
     from llmtune.models import load_model, load_tokenizer
+    from llmtune import accel
     from llmtune.objectives import build_sft
 
     recipe = load_recipe(recipe_path)
@@ -752,7 +753,9 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
             if logs and "loss" in logs:
                 found["loss"] = logs["loss"]
 
-    trainer = build_sft(recipe, model, tokenizer, data, out, callbacks=[Capture()])
+    plan = accel.resolve(recipe, accel.current_device(), model, data.train)
+    trainer = build_sft(recipe, model, tokenizer, data, out, callbacks=[Capture()], plan=plan)
+    trainer.llmtune_loss = accel.apply(model, plan)
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *args, **kwargs):
