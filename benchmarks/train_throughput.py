@@ -170,8 +170,8 @@ class StepMeter:
 
 def held_out_loss(model, tokenizer, eval_path: Path) -> float:
     """Mean NLL per response token over the held-out rows, with llmtune's tokenization for both sides."""
-    from llmtune.data import Sample, encode
     from llmtune.accel import on_device
+    from llmtune.data import Sample, encode
     from llmtune.evaluation import response_nll
 
     encoded = [encode(Sample(messages=r["messages"]), tokenizer) for r in _read_rows(eval_path)]

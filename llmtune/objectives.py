@@ -307,7 +307,6 @@ def _from_pair_ids(trainer_class: type[Trainer]) -> type[Trainer]:
 def _unpaired(pairs: Dataset, seed: int) -> Dataset:
     """Each pair as two KTO rows (chosen: label True, rejected: False), in a fixed shuffled order so a batch
     mixes both labels and neighbours rarely share a prompt (KTO's KL estimate needs mismatched neighbours)."""
-    import random
 
     from datasets import Dataset
 

@@ -1,4 +1,5 @@
-"""The one readable path: recipe -> tokenizer -> data -> model -> method -> trainer -> run directory."""
+"""The one readable path of a run: recipe and run directory -> data -> model and method -> speed plan -> trainer ->
+train and save."""
 
 from __future__ import annotations
 
@@ -48,76 +49,37 @@ def finetune(
         resume: True to continue the run in the recipe's output directory from its last complete
             checkpoint, or the path of a specific checkpoint.
     """
+    # Under torchrun / accelerate launch every process runs this function; only the first writes files.
+    main = is_main_process()
+
+    # 1. Recipe, launch and run directory: checked before any slow step; nothing is written yet.
     recipe = load_recipe(recipe_path, overrides)
     out = Path(recipe.output.dir or Path("runs") / Path(recipe_path).stem).expanduser().resolve()
     recipe = recipe.model_copy(update={"output": OutputSpec(dir=str(out))})
-    # Check launch and run directory before any slow step; write nothing until data and model are ready.
     check_engines(recipe)
     checkpoint = _checkpoint_to_resume(out, recipe, resume) if resume else None
-    # Under torchrun / accelerate launch every process runs this function; only the first writes files.
-    main_process = is_main_process()
-    if checkpoint is None and main_process:
+    if checkpoint is None and main:
         artifacts.check_run_dir_free(out, overwrite)
 
+    # 2. Data, tokenized and masked the way the objective trains on it.
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
     data = prepare_data(recipe, tokenizer)
-    if main_process:
-        _print_data_report(data.report, recipe.data.max_length)
 
-    from transformers import set_seed
+    # 3. Model and tuning method.
+    model = _build_model(recipe, tokenizer)
 
-    set_seed(recipe.training.seed)
-    model = load_base_model(recipe)
-    model = METHODS[recipe.method.name](
-        recipe.method, model, tokenizer, task_type=PEFT_TASK_TYPES[recipe.objective.model_kind]
-    )
-    counts = parameter_counts(model)
-    if main_process:
-        print(
-            f"method {recipe.method.name}: training {counts['trainable']:,} of {counts['total']:,} parameters "
-            f"({100 * counts['trainable'] / counts['total']:.3f}%)",
-            flush=True,
-        )
+    # 4. Speed plan: every speed and precision lever decided for this device.
     plan = accel.resolve(recipe, accel.current_device(), model, data.train)
-    if main_process:
-        print(plan.summary(), flush=True)
-
+    if main:
+        _print_start(recipe, data, model, plan)
+        _write_run_dir(out, recipe, data, plan, checkpoint, overwrite)
     run = RunDir(out)
-    if main_process:
-        facts = {"recipe_sha256": recipe_hash(recipe), "data_fingerprint": data.fingerprint}
-        if checkpoint is None:
-            artifacts.create_run_dir(out, recipe, overwrite, **facts)
-        else:
-            if run.manifest().get("data_fingerprint", facts["data_fingerprint"]) != facts["data_fingerprint"]:
-                raise LLMTuneError(
-                    f"{out}: the training data (or its tokenization) changed since the run started; resuming would "
-                    "mix two datasets: restore the data, or start a new run with --overwrite"
-                )
-            artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
-            _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
-        artifacts.write_json(run.file(artifacts.SPEED_FILE), plan.to_dict())
-        for stale in out.glob(f".{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing a checkpoint
+
+    # 5. Trainer, then the plan's kernels switched on in its model.
     stop = StopOnSignalCallback()
-    trainer = OBJECTIVES[recipe.objective.name](
-        recipe,
-        model,
-        tokenizer,
-        data,
-        run.path,
-        callbacks=[
-            _jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE)),
-            SaveAtEndCallback(),
-            stop,
-            LogAtSaveCallback(),
-        ],
-        plan=plan,
-    )
-    fused_loss = accel.apply(model, plan)
-    if fused_loss is not None:
-        trainer.llmtune_loss = fused_loss
-    trainer.llmtune_keep_checkpoints = recipe.training.keep_checkpoints
-    trainer.llmtune_recipe_file = run.file(artifacts.RECIPE_FILE)
+    trainer = _build_trainer(recipe, model, tokenizer, data, run, plan, stop)
+
+    # 6. Train and save; the manifest says how the run ended.
     started = time.time()
     stop.install()
     try:
@@ -127,39 +89,100 @@ def finetune(
                 f"{stop.requested}: stopped after step {trainer.state.global_step} with a checkpoint in {run.path}; "
                 f"resume with: llmtune finetune {recipe_path}{_set_flags(overrides)} --resume"
             )
-        train_loss = _whole_run_mean_loss(trainer.state, train_output.training_loss, checkpoint)
-        check_finite(train_loss, "the mean training loss")
-        metrics: dict[str, Any] = {
-            "train_loss": train_loss,
-            "steps": train_output.global_step,
-            "train_seconds": round(time.time() - started, 2),
-            "parameters": counts,
-            "data": data.report,
-        }
-        if trainer.eval_dataset is not None:  # objectives that generate (grpo) leave held-out data to `eval`
-            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        # Mixed precision wrapped the model's forward in autocast; what is saved and used from here on computes
-        # in the model's own dtype.
-        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-        # Training ran without a KV cache (see objectives.py); the saved model should generate with one.
-        model.config.use_cache = True
-        if main_process:
-            _save_weights(run, model, recipe)
-            with artifacts.staged_dir(run.tokenizer) as staging:
-                tokenizer.save_pretrained(staging)
-            artifacts.write_json(run.file(artifacts.METRICS_FILE), metrics)
+        metrics = _final_metrics(trainer, train_output, checkpoint, started, model, data)
+        _save(trainer, run, model, tokenizer, recipe, metrics, main)
     except BaseException as e:
-        if main_process:
+        if main:
             interrupted = isinstance(e, (KeyboardInterrupt, StopRequested))
-            status = "interrupted" if interrupted else "failed"
-            artifacts.update_manifest(run, status=status, finished=artifacts.now())
+            artifacts.update_manifest(run, status="interrupted" if interrupted else "failed", finished=artifacts.now())
         raise
     finally:
         stop.uninstall()
-    if main_process:
+    if main:
         artifacts.update_manifest(run, status="completed", finished=artifacts.now())
         write_run_report(run)
     return FinetuneResult(run=run, metrics=metrics)
+
+
+def _build_model(recipe: Recipe, tokenizer: Any) -> Any:
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)
+    model = load_base_model(recipe)
+    task_type = PEFT_TASK_TYPES[recipe.objective.model_kind]
+    return METHODS[recipe.method.name](recipe.method, model, tokenizer, task_type=task_type)
+
+
+def _print_start(recipe: Recipe, data: Any, model: Any, plan: accel.SpeedPlan) -> None:
+    _print_data_report(data.report, recipe.data.max_length)
+    counts = parameter_counts(model)
+    print(
+        f"method {recipe.method.name}: training {counts['trainable']:,} of {counts['total']:,} parameters "
+        f"({100 * counts['trainable'] / counts['total']:.3f}%)",
+        flush=True,
+    )
+    print(plan.summary(), flush=True)
+
+
+def _write_run_dir(
+    out: Path, recipe: Recipe, data: Any, plan: accel.SpeedPlan, checkpoint: Path | None, overwrite: bool
+) -> None:
+    """A new run directory, or the resumed one brought back to its checkpoint."""
+    run = RunDir(out)
+    facts = {"recipe_sha256": recipe_hash(recipe), "data_fingerprint": data.fingerprint}
+    if checkpoint is None:
+        artifacts.create_run_dir(out, recipe, overwrite, **facts)
+    else:
+        if run.manifest().get("data_fingerprint", facts["data_fingerprint"]) != facts["data_fingerprint"]:
+            raise LLMTuneError(
+                f"{out}: the training data (or its tokenization) changed since the run started; resuming would "
+                "mix two datasets: restore the data, or start a new run with --overwrite"
+            )
+        artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
+        _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
+    artifacts.write_json(run.file(artifacts.SPEED_FILE), plan.to_dict())
+    for stale in out.glob(f".{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing a checkpoint
+
+
+def _build_trainer(recipe, model, tokenizer, data, run: RunDir, plan: accel.SpeedPlan, stop) -> Any:
+    callbacks = [_jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE)), SaveAtEndCallback(), stop]
+    # Listed last: it must see every other callback's request for a checkpoint.
+    callbacks.append(LogAtSaveCallback())
+    trainer = OBJECTIVES[recipe.objective.name](recipe, model, tokenizer, data, run.path, callbacks, plan=plan)
+    # After the trainer is built: it may move the model to its device or cast its trained weights.
+    trainer.llmtune_loss = accel.apply(model, plan)
+    trainer.llmtune_keep_checkpoints = recipe.training.keep_checkpoints
+    trainer.llmtune_recipe_file = run.file(artifacts.RECIPE_FILE)
+    return trainer
+
+
+def _final_metrics(trainer, train_output, checkpoint: Path | None, started: float, model, data) -> dict[str, Any]:
+    train_loss = _whole_run_mean_loss(trainer.state, train_output.training_loss, checkpoint)
+    check_finite(train_loss, "the mean training loss")
+    metrics: dict[str, Any] = {
+        "train_loss": train_loss,
+        "steps": train_output.global_step,
+        "train_seconds": round(time.time() - started, 2),
+        "parameters": parameter_counts(model),
+        "data": data.report,
+    }
+    if trainer.eval_dataset is not None:  # objectives that generate (grpo) leave held-out data to `eval`
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    return metrics
+
+
+def _save(trainer, run: RunDir, model, tokenizer, recipe: Recipe, metrics: dict[str, Any], main: bool) -> None:
+    # Mixed precision wrapped the model's forward in autocast; what is saved and used from here on computes
+    # in the model's own dtype.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    # Training ran without a KV cache (see objectives.py); the saved model should generate with one.
+    model.config.use_cache = True
+    if main:
+        _save_weights(run, model, recipe)
+        with artifacts.staged_dir(run.tokenizer) as staging:
+            tokenizer.save_pretrained(staging)
+        artifacts.write_json(run.file(artifacts.METRICS_FILE), metrics)
 
 
 def is_main_process() -> bool:

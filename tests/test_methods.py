@@ -354,7 +354,11 @@ RECIPE_ERRORS = [
     ),
     pytest.param(
         {"name": "lora"},
-        {"fsdp": True, "fsdp_config": {"fsdp_activation_checkpointing": True}, "speed": {"gradient_checkpointing": True}},
+        {
+            "fsdp": True,
+            "fsdp_config": {"fsdp_activation_checkpointing": True},
+            "speed": {"gradient_checkpointing": True},
+        },
         ["speed.gradient_checkpointing", "fsdp_config.activation_checkpointing", "auto"],
         id="gradient-checkpointing-twice-under-fsdp",
     ),

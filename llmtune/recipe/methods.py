@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from llmtune.recipe.common import Spec, models_in, spec_name
 
+
 class _MethodOptions(Spec):
     # Traits read wherever a method's kind matters (saving, merging, batching, bf16 storage).
     # The run saves only the trained parameters, beside an unchanged base.

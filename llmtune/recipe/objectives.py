@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llmtune.recipe.common import Spec, models_in, spec_name
 
+
 class _ObjectiveOptions(Spec):
     # Which head the trained model has: a key of llmtune.models.AUTO_CLASSES.
     model_kind: ClassVar[str] = "causal-lm"
