@@ -13,6 +13,7 @@ import torch
 
 from llmtune import artifacts, metrics
 from llmtune.artifacts import RunDir, is_run_dir
+from llmtune.batching import padded_batches
 from llmtune.data import (
     IGNORE_INDEX,
     PreferenceSample,
@@ -252,10 +253,7 @@ def class_probabilities(
     """Softmax over a classifier's labels for each row, right-padded (decoders pool the last real token)."""
     model.eval()
     out = []
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
+    for ids, attn, _ in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device):
         out.append(model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1))
     return torch.cat(out)
 
@@ -271,10 +269,7 @@ def sequence_rewards(
     # The head finds each row's last token by the pad id; a base model loaded afresh may not name one.
     model.config.pad_token_id = tokenizer.pad_token_id
     rewards = []
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
+    for ids, attn, _ in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device):
         rewards.extend(model(input_ids=ids, attention_mask=attn).logits[:, 0].float().tolist())
     return rewards
 
@@ -289,11 +284,7 @@ def sequence_logps(
 ) -> tuple[list[float], list[int]]:
     """Per row: the summed log-probability of its labels that are not -100, and how many there are."""
     logps, counts = [], []
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
-        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False, device=model.device)
+    for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
         if is_encoder_decoder(model):
             # The decoder reads the labels shifted right behind its start token; logit t predicts label t.
             logits = model(input_ids=ids, attention_mask=attn, labels=lab).logits.float()
@@ -336,11 +327,7 @@ def teacher_kl(
 ) -> float:
     """Mean forward KL(teacher || model) at temperature 1 over the tokens that carry loss (nats per token)."""
     total, count = 0.0, 0
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
-        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False, device=model.device)
+    for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
         student = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :, :].float().log_softmax(-1)
         reference = teacher(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
         per_token = (reference.exp() * (reference - student)).sum(-1)[:, :-1]
@@ -399,10 +386,7 @@ def generate_texts(
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
     model.eval()
     texts = []
-    for start in range(0, len(prompts), batch_size):
-        ids, attn = pad_batch(
-            prompts[start : start + batch_size], tokenizer.pad_token_id, left=True, device=model.device
-        )
+    for ids, attn, _ in padded_batches(prompts, batch_size, tokenizer.pad_token_id, model.device, left=True):
         generator, inputs = _generation_inputs(model, ids, attn)
         out = generator.generate(
             **inputs,
@@ -420,19 +404,6 @@ def generate_texts(
 
 def is_encoder_decoder(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
-
-
-def pad_batch(
-    rows: list[list[int]], value: int, left: bool, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span] = torch.tensor(r, dtype=torch.long)
-        attn[i, span] = 1
-    return ids.to(device), attn.to(device)
 
 
 def on_accelerator(model: PreTrainedModel) -> PreTrainedModel:

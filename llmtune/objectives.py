@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer
 
 from llmtune.attention import attends_per_row, use_segmented_attention
+from llmtune.batching import pad_rows
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.fused import fuse_blocks
@@ -573,7 +574,7 @@ def _build_trainer(
 
     args = training_args(TrainingArguments, recipe, output_dir, remove_unused_columns=False)
     # An encoder-decoder builds its decoder inputs from these labels (shifted right, -100 read as padding).
-    collator = _pad_rows(tokenizer.pad_token_id)
+    collator = pad_rows(tokenizer.pad_token_id)
     return _trainer(
         trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, data_collator=collator, **extra
     )
@@ -660,18 +661,6 @@ class _DistillationTrainer(Trainer):
                 logs[key] = sum(values) / len(values)
                 values.clear()
         super().log(logs, start_time)
-
-
-def _pad_rows(pad_token_id: int) -> Callable:
-    """Right-pad a batch of tokenized rows; padded labels are -100, so padding never carries loss."""
-    from llmtune.evaluation import pad_batch
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, attention = pad_batch([r["input_ids"] for r in rows], pad_token_id, left=False)
-        labels, _ = pad_batch([r["labels"] for r in rows], IGNORE_INDEX, left=False)
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
-
-    return collate
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 import llmtune.run
 from llmtune import attention
 from llmtune.attention import SEGMENTED_SDPA, SEGMENTED_SDPA_FLOAT32, use_segmented_attention
-from llmtune.evaluation import pad_batch
+from llmtune.batching import pad_batch
 from llmtune.models import load_model
 from llmtune.run import finetune
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import chat_rows, write_jsonl
 
+from llmtune.batching import pad_batch
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
-from llmtune.evaluation import pad_batch
 from llmtune.loss import TargetedLoss
 from llmtune.methods import METHODS
 from llmtune.models import load_model, load_tokenizer
