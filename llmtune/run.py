@@ -14,11 +14,11 @@ from typing import Any
 
 from llmtune import artifacts
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, complete_checkpoints
-from llmtune.data import prepare_data
 from llmtune.errors import LLMTuneError
 from llmtune.methods import ADAPTER_METHODS, METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer, parameter_counts
-from llmtune.objectives import OBJECTIVES, check_engines
+from llmtune.objectives import OBJECTIVES, prepare_data
+from llmtune.objectives.base import check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
 from llmtune.training import (
@@ -95,7 +95,7 @@ def finetune(
         for stale in out.glob(f".{CHECKPOINT_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing a checkpoint
     stop = StopOnSignalCallback()
-    trainer = OBJECTIVES[recipe.objective.name](
+    trainer = OBJECTIVES[recipe.objective.name].build_trainer(
         recipe,
         model,
         tokenizer,
@@ -133,7 +133,7 @@ def finetune(
         # Mixed precision wrapped the model's forward in autocast; what is saved and used from here on computes
         # in the model's own dtype.
         trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-        # Training ran without a KV cache (see objectives.py); the saved model should generate with one.
+        # Training ran without a KV cache (see objectives.base._trainer); the saved model should generate with one.
         model.config.use_cache = True
         if main_process:
             _save_weights(run, model, recipe)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RECIPE_FILE, complete_checkpoints, make_readable
 from llmtune.errors import LLMTuneError
@@ -36,7 +36,7 @@ class StopRequested(LLMTuneError):
 
 
 class GuardedTrainerMixin:
-    """Mixed in before a Trainer subclass (see objectives.py); `llmtune_*` attributes are set after init."""
+    """Mixed in first by every trainer class of llmtune.objectives; `llmtune_*` attributes are set after init."""
 
     llmtune_keep_checkpoints: int | None = None
     llmtune_recipe_file: Path | None = None
@@ -222,11 +222,6 @@ def use_gradient_checkpointing(recipe: Recipe) -> bool:
     if recipe.method.name == "prefix" or t.fsdp_checkpoints:
         return False
     return torch.cuda.is_available()
-
-
-def guarded(trainer_class: type[Trainer]) -> type[Trainer]:
-    """`trainer_class` with llmtune's checkpointing and guards."""
-    return type(f"Guarded{trainer_class.__name__}", (GuardedTrainerMixin, trainer_class), {})
 
 
 def check_finite(value: float, what: str) -> None:

@@ -84,11 +84,11 @@ def sft_trainers(monkeypatch) -> list:
 
     built = []
 
-    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+    def build(*args, real=llmtune.run.OBJECTIVES["sft"].build_trainer, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+    monkeypatch.setattr(llmtune.run.OBJECTIVES["sft"], "build_trainer", build)
     return built
 
 

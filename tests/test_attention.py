@@ -175,13 +175,13 @@ def test_a_model_outside_sdpa_keeps_its_attention():
 
 
 def _train(make_recipe, name, method, padding_free, batches):
-    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+    def build(*args, real=llmtune.run.OBJECTIVES["sft"].build_trainer, **kwargs):
         trainer = real(*args, **kwargs)
         batches.append(next(iter(trainer.get_train_dataloader())))
         return trainer
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+        patch.setattr(llmtune.run.OBJECTIVES["sft"], "build_trainer", build)
         path = make_recipe(
             name,
             method=method,
@@ -220,7 +220,7 @@ def test_padding_free_auto_pads_rows_for_virtual_tokens(make_recipe):
 
 
 def test_expected_padding_of_random_batches():
-    from llmtune.objectives import expected_padding
+    from llmtune.objectives.base import expected_padding
 
     assert expected_padding([50] * 40, 8, seed=0) == 0.0
     # Half the rows 10 tokens, half 30, two drawn at a time: 40 real tokens a batch, padded to 60 when mixed.
@@ -232,7 +232,7 @@ def test_expected_padding_of_random_batches():
 def test_padding_free_auto_is_on_where_random_batches_would_be_padded(make_recipe):
     from datasets import Dataset
 
-    from llmtune.objectives import PADDING_FREE_FROM, _padding_free
+    from llmtune.objectives.base import PADDING_FREE_FROM, _padding_free
     from llmtune.recipe import load_recipe
 
     model = load_model("tiny:llama")

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from llmtune import metrics
 from llmtune.cli.app import app
-from llmtune.data import PreferenceSample, encode, encode_preference, prepare_data, split_samples
+from llmtune.data import PreferenceSample, encode, encode_preference, split_samples
 from llmtune.evaluation import evaluate
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer
-from llmtune.objectives import OBJECTIVES
+from llmtune.objectives import OBJECTIVES, prepare_data
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 
@@ -72,7 +72,7 @@ def build_trainer(recipe_path: Path):
     model = load_base_model(recipe)
     model = METHODS[recipe.method.name](recipe.method, model, tokenizer, task_type=PEFT_TASK_TYPES["causal-lm"])
     out = Path(recipe.output.dir)
-    return OBJECTIVES[recipe.objective.name](recipe, model, tokenizer, data, out, callbacks=[])
+    return OBJECTIVES[recipe.objective.name].build_trainer(recipe, model, tokenizer, data, out, callbacks=[])
 
 
 # --- data ------------------------------------------------------------------------------------------

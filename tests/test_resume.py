@@ -728,9 +728,9 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
     """Gradients of the first optimizer step (before it is taken), its logged loss, and the rows it saw."""
     from transformers import TrainerCallback, set_seed
 
-    from llmtune.data import prepare_data
     from llmtune.models import load_model, load_tokenizer
-    from llmtune.objectives import build_sft
+    from llmtune.objectives import prepare_data
+    from llmtune.objectives.sft import build_sft
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model)

@@ -14,10 +14,11 @@ from test_e2e import ok, read_jsonl, run_cli
 from transformers import AutoModelForSeq2SeqLM
 
 from llmtune.batching import pad_rows
-from llmtune.data import IGNORE_INDEX, prepare_data
+from llmtune.data import IGNORE_INDEX
 from llmtune.evaluation import complete, evaluate, generate_texts
 from llmtune.merge import merge_adapter
 from llmtune.models import load_model, load_tokenizer, load_tuned
+from llmtune.objectives import prepare_data
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 

@@ -384,7 +384,7 @@ def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_
 
 
 def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while_training(monkeypatch):
-    from llmtune.objectives import _frozen_bf16
+    from llmtune.objectives.base import _frozen_bf16
 
     recipes = Path(__file__).parents[1] / "recipes"
     quickstart, grpo = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "grpo.yaml")
@@ -402,7 +402,7 @@ def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while
 def test_gradient_checkpointing_auto_is_on_a_gpu_unless_prefixes_or_fsdp_checkpoint(monkeypatch, tmp_path):
     from trl import SFTConfig
 
-    from llmtune.objectives import training_args
+    from llmtune.objectives.base import training_args
     from llmtune.training import use_gradient_checkpointing
 
     recipes = Path(__file__).parents[1] / "recipes"
