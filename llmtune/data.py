@@ -13,13 +13,13 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import LLMTuneError, first_line
-from llmtune.recipe import DataSpec, GRPOSpec, Recipe, is_local_data_ref
+from llmtune.recipe import DataSpec, Recipe, is_local_data_ref
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -617,28 +617,19 @@ def prompt_reference_dataset(
     return Dataset.from_dict({"prompt": prompts, "reference": references}), counts
 
 
-def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    special = _PREPARERS.get(recipe.objective.name)
-    if special is not None:
-        return special(recipe, tokenizer)
+def encode_splits(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, encode: Callable[..., tuple[Dataset, dict[str, Any]]], *args
+) -> PreparedData:
+    """The recipe's train and held-out samples, each split tokenized by `encode(samples, tokenizer, recipe.data,
+    *args, source)` (encode_dataset, encode_preference_dataset, ...), with its counts for the data report."""
     train_samples, eval_samples = split_samples(recipe)
-    train, train_counts = _encode_split(recipe, tokenizer, train_samples, recipe.data.train)
-    report = {"train": train_counts}
+    report: dict[str, Any] = {}
+    train, report["train"] = encode(train_samples, tokenizer, recipe.data, *args, recipe.data.train)
     eval_ds = None
     if eval_samples:
-        eval_ds, report["eval"] = _encode_split(recipe, tokenizer, eval_samples, recipe.data.eval or recipe.data.train)
+        source = recipe.data.eval or recipe.data.train
+        eval_ds, report["eval"] = encode(eval_samples, tokenizer, recipe.data, *args, source)
     return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
-
-
-def _encode_split(
-    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], source: str
-) -> tuple[Dataset, dict[str, int]]:
-    """Tokenize one split in the shape the recipe's objective trains on."""
-    if isinstance(recipe.objective, GRPOSpec):
-        return prompt_reference_dataset(samples, tokenizer, recipe.data, source)
-    if recipe.data.format == "preference":
-        return encode_preference_dataset(samples, tokenizer, recipe.data, source)
-    return encode_dataset(samples, tokenizer, recipe.data, recipe.objective.loss_on, source)
 
 
 # --- language modelling: text packed into fixed-length blocks ---------------------------------------
@@ -680,23 +671,6 @@ def lm_blocks(
     return blocks, {**counts, "loss_tokens": tokens, "remainder_tokens": remainder}
 
 
-def prepare_blocks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Objective lm: every token carries loss; training drops the tail shorter than a block, held-out keeps it."""
-    from datasets import Dataset
-
-    train_samples, eval_samples = split_samples(recipe)
-    block = recipe.data.max_length
-    datasets, report = {}, {}
-    for split, samples, keep, source in (
-        ("train", train_samples, False, recipe.data.train),
-        ("eval", eval_samples, True, recipe.data.eval or recipe.data.train),
-    ):
-        if samples:
-            blocks, report[split] = lm_blocks(samples, tokenizer, block, keep, source)
-            datasets[split] = Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
-    return PreparedData(train=datasets["train"], eval=datasets.get("eval"), eval_samples=eval_samples, report=report)
-
-
 # --- classification: one text and its label index per row ------------------------------------------
 
 
@@ -730,19 +704,3 @@ def encode_classification(
         "labels": {name: targets.count(i) for i, name in enumerate(labels)},
     }
     return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
-
-
-def prepare_classification(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    train_samples, eval_samples = split_samples(recipe)
-    labels = recipe.objective.labels
-    report: dict[str, Any] = {}
-    train, report["train"] = encode_classification(train_samples, tokenizer, recipe.data, labels, recipe.data.train)
-    eval_ds = None
-    if eval_samples:
-        source = recipe.data.eval or recipe.data.train
-        eval_ds, report["eval"] = encode_classification(eval_samples, tokenizer, recipe.data, labels, source)
-    return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
-
-
-# Objectives whose data is not one tokenized row per sample.
-_PREPARERS = {"lm": prepare_blocks, "classify": prepare_classification}

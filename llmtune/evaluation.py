@@ -14,17 +14,8 @@ import torch
 from llmtune import artifacts, metrics
 from llmtune.accel import on_device
 from llmtune.artifacts import RunDir, is_run_dir
-from llmtune.data import (
-    IGNORE_INDEX,
-    PreferenceSample,
-    Sample,
-    encode_classification,
-    encode_dataset,
-    encode_preference_dataset,
-    encode_prompt,
-    lm_blocks,
-    split_samples,
-)
+from llmtune.batching import padded_batches
+from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.models import checkpoint_kind, load_base_model, load_model, load_teacher, load_tokenizer, load_tuned
 from llmtune.recipe import DistillSpec, Recipe, load_recipe
@@ -157,14 +148,27 @@ def score_model(
     recipe: Recipe,
     teacher: PreTrainedModel | None = None,
 ) -> tuple[dict[str, float], list[str] | None]:
-    """The recipe's metrics for one model, and its generations (None when no generation metric applies).
+    """The recipe's metrics for one model, and its generations (None when no generation metric applies), as its
+    objective scores them (see llmtune.objectives)."""
+    # Imported here: the objectives import TRL, which generating and serving do not need.
+    from llmtune.objectives import OBJECTIVES
+
+    return OBJECTIVES[recipe.objective.name].score(model, tokenizer, samples, recipe, teacher)
+
+
+def score_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[Sample],
+    recipe: Recipe,
+    teacher: PreTrainedModel | None = None,
+) -> tuple[dict[str, float], list[str] | None]:
+    """Perplexity on the held-out responses and the generation metrics (BLEU, ROUGE, exact match) of completing
+    their prompts; the scoring of every objective trained on prompt + response rows.
 
     Args:
         teacher: for distillation, also report the mean KL(teacher || model) per response token (kl_to_teacher).
     """
-    scorer = score_preferences if recipe.data.format == "preference" else _OBJECTIVE_SCORERS.get(recipe.objective.name)
-    if scorer is not None:
-        return scorer(model, tokenizer, samples, recipe)
     wanted = recipe.eval.metrics
     model.eval()
     results: dict[str, float] = {}
@@ -195,91 +199,6 @@ def score_model(
     return results, predictions
 
 
-def score_preferences(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[PreferenceSample], recipe: Recipe
-) -> tuple[dict[str, float], None]:
-    """Held-out preference accuracy (percent of pairs scoring chosen above rejected) and the mean score margin.
-
-    A language model scores a response by its log-probability summed over its tokens (EOS included), not
-    length-normalised: the quantity DPO's implicit reward is built on. A reward model scores prompt + response
-    with its scalar head.
-    """
-    model.eval()
-    dataset, _ = encode_preference_dataset(samples, tokenizer, recipe.data, "eval data")
-    reward_model = recipe.objective.model_kind == "sequence-classification"
-    scores = {}
-    for side in ("chosen", "rejected"):
-        prompts, responses = dataset["prompt_ids"], dataset[f"{side}_ids"]
-        input_ids = [p + r for p, r in zip(prompts, responses, strict=True)]
-        if reward_model:
-            scores[side] = sequence_rewards(model, tokenizer, input_ids, recipe.eval.batch_size)
-        else:
-            labels = [[IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses, strict=True)]
-            scores[side], _ = sequence_logps(model, tokenizer, input_ids, labels, recipe.eval.batch_size)
-    return {
-        "preference_accuracy": metrics.preference_accuracy(scores["chosen"], scores["rejected"]),
-        "reward_margin" if reward_model else "logp_margin": metrics.mean_margin(scores["chosen"], scores["rejected"]),
-    }, None
-
-
-def score_lm(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
-) -> tuple[dict[str, float], None]:
-    """Perplexity over every held-out token, in the same blocks training used (the short last block kept)."""
-    model.eval()
-    blocks, _ = lm_blocks(samples, tokenizer, recipe.data.max_length, keep_remainder=True, source="eval data")
-    nll, n = response_nll(model, tokenizer, blocks, blocks, recipe.eval.batch_size)
-    return {"perplexity": metrics.perplexity(nll, n), "loss": nll / n}, None
-
-
-def score_classify(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[Sample], recipe: Recipe
-) -> tuple[dict[str, float], None]:
-    """Accuracy and macro-F1 of the most probable label, on rows tokenized as in training."""
-    labels = recipe.objective.labels
-    dataset, _ = encode_classification(samples, tokenizer, recipe.data, labels, "eval data")
-    probs = class_probabilities(model, tokenizer, dataset["input_ids"], recipe.eval.batch_size)
-    predicted = probs.argmax(-1).tolist()
-    references = dataset["labels"]
-    results = {"accuracy": metrics.accuracy(predicted, references)}
-    results["f1"] = metrics.macro_f1(predicted, references, len(labels))
-    return {m: results[m] for m in recipe.eval.metrics}, None
-
-
-@torch.no_grad()
-def class_probabilities(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], batch_size: int
-) -> torch.Tensor:
-    """Softmax over a classifier's labels for each row, right-padded (decoders pool the last real token)."""
-    model.eval()
-    out = []
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
-        out.append(model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1))
-    return torch.cat(out)
-
-
-_OBJECTIVE_SCORERS = {"lm": score_lm, "classify": score_classify}
-
-
-@torch.no_grad()
-def sequence_rewards(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[list[int]], batch_size: int
-) -> list[float]:
-    """A reward model's scalar for each sequence (read at its last non-pad token)."""
-    # The head finds each row's last token by the pad id; a base model loaded afresh may not name one.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    rewards = []
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
-        rewards.extend(model(input_ids=ids, attention_mask=attn).logits[:, 0].float().tolist())
-    return rewards
-
-
 @torch.no_grad()
 def sequence_logps(
     model: PreTrainedModel,
@@ -290,11 +209,7 @@ def sequence_logps(
 ) -> tuple[list[float], list[int]]:
     """Per row: the summed log-probability of its labels that are not -100, and how many there are."""
     logps, counts = [], []
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
-        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False, device=model.device)
+    for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
         if is_encoder_decoder(model):
             # The decoder reads the labels shifted right behind its start token; logit t predicts label t.
             logits = model(input_ids=ids, attention_mask=attn, labels=lab).logits.float()
@@ -337,11 +252,7 @@ def teacher_kl(
 ) -> float:
     """Mean forward KL(teacher || model) at temperature 1 over the tokens that carry loss (nats per token)."""
     total, count = 0.0, 0
-    for start in range(0, len(input_ids), batch_size):
-        ids, attn = pad_batch(
-            input_ids[start : start + batch_size], tokenizer.pad_token_id, left=False, device=model.device
-        )
-        lab, _ = pad_batch(labels[start : start + batch_size], IGNORE_INDEX, left=False, device=model.device)
+    for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
         student = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :, :].float().log_softmax(-1)
         reference = teacher(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
         per_token = (reference.exp() * (reference - student)).sum(-1)[:, :-1]
@@ -400,10 +311,7 @@ def generate_texts(
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
     model.eval()
     texts = []
-    for start in range(0, len(prompts), batch_size):
-        ids, attn = pad_batch(
-            prompts[start : start + batch_size], tokenizer.pad_token_id, left=True, device=model.device
-        )
+    for ids, attn, _ in padded_batches(prompts, batch_size, tokenizer.pad_token_id, model.device, left=True):
         generator, inputs = _generation_inputs(model, ids, attn)
         out = generator.generate(
             **inputs,
@@ -421,19 +329,6 @@ def generate_texts(
 
 def is_encoder_decoder(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
-
-
-def pad_batch(
-    rows: list[list[int]], value: int, left: bool, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span] = torch.tensor(r, dtype=torch.long)
-        attn[i, span] = 1
-    return ids.to(device), attn.to(device)
 
 
 def complete(
@@ -454,6 +349,8 @@ def complete(
         model = on_device(model)
         recipe = load_recipe(path / artifacts.RECIPE_FILE)
         if recipe.objective.name == "classify":
+            from llmtune.objectives.classify import classify_text
+
             return classify_text(model, tokenizer, prompt, recipe)
         if recipe.objective.name == "reward-model":
             raise LLMTuneError(
@@ -478,12 +375,3 @@ def complete(
     prompt_ids = encode_prompt(sample, tokenizer, is_encoder_decoder(model))
     [text] = generate_texts(model, tokenizer, [prompt_ids], max_new_tokens, 1, temperature, top_k, top_p)
     return text
-
-
-def classify_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, recipe: Recipe) -> str:
-    """The predicted label of one text, then every label's probability, most probable first."""
-    sample = Sample(segments=[(text, False)], label=0)
-    dataset, _ = encode_classification([sample], tokenizer, recipe.data, recipe.objective.labels, "the prompt")
-    [probs] = class_probabilities(model, tokenizer, dataset["input_ids"], 1).tolist()
-    ranked = sorted(zip(recipe.objective.labels, probs, strict=True), key=lambda item: -item[1])
-    return f"{ranked[0][0]}  ({', '.join(f'{name} {p:.3f}' for name, p in ranked)})"

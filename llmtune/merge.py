@@ -9,9 +9,9 @@ import torch
 
 from llmtune import artifacts
 from llmtune.artifacts import check_run_dir_free, open_run, staged_dir
+from llmtune.batching import pad_batch
 from llmtune.data import encode, encode_classification, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.evaluation import pad_batch
 from llmtune.models import auto_class, load_tuned
 from llmtune.report import MODEL_CARD_FILE, model_card, read_json
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.artifacts import RECIPE_FILE, is_run_dir, open_run
-from llmtune.data import IGNORE_INDEX, encode_dataset, prepare_data, split_samples
+from llmtune.data import IGNORE_INDEX, encode_dataset, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_tokenizer
 from llmtune.recipe import Recipe, load_recipe
@@ -76,7 +76,9 @@ def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3
     # Objectives without loss_on show each row with its response (a preference pair: its chosen response).
     loss_on = getattr(recipe.objective, "loss_on", "response")
     if recipe.objective.name == "lm":
-        data = prepare_data(recipe, tokenizer)
+        from llmtune.objectives.lm import prepare_blocks
+
+        data = prepare_blocks(recipe, tokenizer)
         dataset, counts, cut = data.train, data.report["train"], recipe.data.max_length
     else:
         train, _ = split_samples(recipe)

@@ -15,11 +15,11 @@ from typing import Any
 
 from llmtune import accel, artifacts
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, complete_checkpoints
-from llmtune.data import prepare_data
 from llmtune.errors import LLMTuneError
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer, parameter_counts
-from llmtune.objectives import OBJECTIVES, check_engines
+from llmtune.objectives import build_trainer, prepare_data
+from llmtune.objectives.base import check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
 from llmtune.training import (
@@ -149,9 +149,7 @@ def _build_trainer(recipe, model, tokenizer, data, run: RunDir, plan: accel.Spee
     callbacks = [_jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE)), SaveAtEndCallback(), stop]
     # Listed last: it must see every other callback's request for a checkpoint.
     callbacks.append(LogAtSaveCallback())
-    trainer = OBJECTIVES[recipe.objective.name](recipe, model, tokenizer, data, run.path, callbacks, plan=plan)
-    # After the trainer is built: it may move the model to its device or cast its trained weights.
-    trainer.llmtune_loss = accel.apply(model, plan)
+    trainer = build_trainer(recipe, model, tokenizer, data, run.path, callbacks, plan)
     trainer.llmtune_keep_checkpoints = recipe.training.keep_checkpoints
     trainer.llmtune_recipe_file = run.file(artifacts.RECIPE_FILE)
     return trainer
@@ -176,7 +174,7 @@ def _save(trainer, run: RunDir, model, tokenizer, recipe: Recipe, metrics: dict[
     # Mixed precision wrapped the model's forward in autocast; what is saved and used from here on computes
     # in the model's own dtype.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    # Training ran without a KV cache (see objectives.py); the saved model should generate with one.
+    # Training ran without a KV cache (see objectives.base._trainer); the saved model should generate with one.
     model.config.use_cache = True
     if main:
         _save_weights(run, model, recipe)

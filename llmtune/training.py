@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RECIPE_FILE, complete_checkpoints, make_readable
 from llmtune.errors import LLMTuneError
@@ -35,7 +35,7 @@ class StopRequested(LLMTuneError):
 
 
 class GuardedTrainerMixin:
-    """Mixed in before a Trainer subclass (see objectives.py); `llmtune_*` attributes are set after init."""
+    """Mixed in first by every trainer class of llmtune.objectives; `llmtune_*` attributes are set after init."""
 
     llmtune_keep_checkpoints: int | None = None
     llmtune_recipe_file: Path | None = None
@@ -196,11 +196,6 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-def guarded(trainer_class: type[Trainer]) -> type[Trainer]:
-    """`trainer_class` with llmtune's checkpointing and guards."""
-    return type(f"Guarded{trainer_class.__name__}", (GuardedTrainerMixin, trainer_class), {})
 
 
 def check_finite(value: float, what: str) -> None:

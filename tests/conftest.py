@@ -80,15 +80,15 @@ def make_recipe(tmp_path: Path):
 @pytest.fixture
 def sft_trainers(monkeypatch) -> list:
     """Every trainer the sft objective builds while the test runs, in order."""
-    import llmtune.run
+    import llmtune.objectives
 
     built = []
 
-    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+    def build(*args, real=llmtune.objectives.OBJECTIVES["sft"].build_trainer, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+    monkeypatch.setattr(llmtune.objectives.OBJECTIVES["sft"], "build_trainer", build)
     return built
 
 

@@ -10,10 +10,10 @@ from itertools import pairwise
 import pytest
 import torch
 
-import llmtune.run
+import llmtune.objectives
 from llmtune.accel import attention
 from llmtune.accel.attention import SEGMENTED_SDPA, SEGMENTED_SDPA_FLOAT32, use_segmented_attention
-from llmtune.evaluation import pad_batch
+from llmtune.batching import pad_batch
 from llmtune.models import load_model
 from llmtune.run import finetune
 
@@ -175,13 +175,13 @@ def test_a_model_outside_sdpa_keeps_its_attention():
 
 
 def _train(make_recipe, name, method, padding_free, batches):
-    def build(*args, real=llmtune.run.OBJECTIVES["sft"], **kwargs):
+    def build(*args, real=llmtune.objectives.OBJECTIVES["sft"].build_trainer, **kwargs):
         trainer = real(*args, **kwargs)
         batches.append(next(iter(trainer.get_train_dataloader())))
         return trainer
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(llmtune.run.OBJECTIVES, "sft", build)
+        patch.setattr(llmtune.objectives.OBJECTIVES["sft"], "build_trainer", build)
         path = make_recipe(
             name,
             method=method,

@@ -20,12 +20,13 @@ from conftest import expect_error, write_jsonl
 from test_e2e import ok, run_cli
 
 from llmtune import metrics
-from llmtune.data import prepare_data, split_samples
+from llmtune.data import split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.evaluation import complete, evaluate
 from llmtune.merge import merge_adapter
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer
+from llmtune.objectives import prepare_data
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 

@@ -185,7 +185,8 @@ def trained(tmp_path_factory) -> Callable[[str, str], Trained]:
             recipe = write_recipe(root, f"{method}-{feature}", method, feature)
             seen: dict[str, Any] = {}
             with pytest.MonkeyPatch.context() as mp:
-                mp.setitem(llmtune.objectives.OBJECTIVES, "sft", _watch(llmtune.objectives.OBJECTIVES["sft"], seen))
+                sft = llmtune.objectives.OBJECTIVES["sft"]
+                mp.setattr(sft, "build_trainer", _watch(sft.build_trainer, seen))
                 result = finetune(recipe)
             assert seen, "finetune never trained through the sft builder"
             cache[method, feature] = Trained(method, feature, result.run.path, **seen)
@@ -215,7 +216,7 @@ from llmtune.run import finetune
 
 out, recipes = Path(sys.argv[1]), sys.argv[2:]
 rank = os.environ["RANK"]
-build = llmtune.objectives.OBJECTIVES["sft"]
+build = llmtune.objectives.OBJECTIVES["sft"].build_trainer
 seen = {}
 
 
@@ -250,7 +251,7 @@ def watched(recipe, model, *args, **kwargs):
     return trainer
 
 
-llmtune.objectives.OBJECTIVES["sft"] = watched
+llmtune.objectives.OBJECTIVES["sft"].build_trainer = watched
 for recipe in recipes:
     finetune(recipe)
     dump()

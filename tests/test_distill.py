@@ -13,7 +13,7 @@ from conftest import expect_error, write_tiny_recipe
 from test_e2e import ok, read_jsonl, run_cli
 
 from llmtune.models import build_student, check_same_tokenizer, load_model, load_tokenizer
-from llmtune.objectives import distillation_loss
+from llmtune.objectives.distill import distillation_loss
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 

@@ -28,9 +28,9 @@ import yaml
 from conftest import chat_rows, write_jsonl
 
 from llmtune import artifacts
-from llmtune.data import prepare_data
 from llmtune.evaluation import evaluate
 from llmtune.models import load_tokenizer, load_tuned
+from llmtune.objectives import prepare_data
 from llmtune.recipe import load_recipe
 
 NPROC = 2
@@ -49,7 +49,7 @@ import llmtune.objectives
 
 out = Path(sys.argv[1])
 rank = os.environ["RANK"]
-build = llmtune.objectives.OBJECTIVES["sft"]
+build = llmtune.objectives.OBJECTIVES["sft"].build_trainer
 drawn = []
 
 
@@ -84,7 +84,7 @@ def recording_build(*args, **kwargs):
     return trainer
 
 
-llmtune.objectives.OBJECTIVES["sft"] = recording_build
+llmtune.objectives.OBJECTIVES["sft"].build_trainer = recording_build
 
 from llmtune.cli.app import main
 

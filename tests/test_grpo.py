@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from llmtune import metrics
 from llmtune.cli.app import app
-from llmtune.data import prepare_data
 from llmtune.models import load_tokenizer
+from llmtune.objectives import prepare_data
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 

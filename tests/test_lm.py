@@ -16,10 +16,11 @@ import yaml
 from conftest import expect_error
 from test_e2e import logits_of, ok, run_cli
 
-from llmtune.data import group_texts, prepare_data
+from llmtune.data import group_texts
 from llmtune.evaluation import evaluate
 from llmtune.merge import merge_adapter
 from llmtune.models import load_model, load_tokenizer
+from llmtune.objectives import prepare_data
 from llmtune.recipe import load_recipe
 
 WORDS = "one two three four five six seven eight nine ten".split()

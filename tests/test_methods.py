@@ -793,7 +793,8 @@ def test_gradient_checkpointing_trains(trained, case: str):
     ids=lambda m: m["name"],
 )
 def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_torch_thread):
-    from llmtune.evaluation import generate_texts, pad_batch
+    from llmtune.batching import pad_batch
+    from llmtune.evaluation import generate_texts
 
     spec = TypeAdapter(MethodSpec).validate_python(method)
     tokenizer = load_tokenizer("tiny:llama")

@@ -17,13 +17,13 @@ import yaml
 from conftest import expect_error, write_jsonl
 from typer.testing import CliRunner
 
-from llmtune import accel, metrics
+from llmtune import accel, metrics, objectives
 from llmtune.cli.app import app
-from llmtune.data import PreferenceSample, encode, encode_preference, prepare_data, split_samples
+from llmtune.data import PreferenceSample, encode, encode_preference, split_samples
 from llmtune.evaluation import evaluate
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer
-from llmtune.objectives import OBJECTIVES
+from llmtune.objectives import prepare_data
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 
@@ -73,7 +73,7 @@ def build_trainer(recipe_path: Path):
     model = METHODS[recipe.method.name](recipe.method, model, tokenizer, task_type=PEFT_TASK_TYPES["causal-lm"])
     out = Path(recipe.output.dir)
     plan = accel.resolve(recipe, accel.current_device(), model, data.train)
-    return OBJECTIVES[recipe.objective.name](recipe, model, tokenizer, data, out, callbacks=[], plan=plan)
+    return objectives.build_trainer(recipe, model, tokenizer, data, out, [], plan)
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -729,9 +729,8 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
     from transformers import TrainerCallback, set_seed
 
     from llmtune import accel
-    from llmtune.data import prepare_data
     from llmtune.models import load_model, load_tokenizer
-    from llmtune.objectives import build_sft
+    from llmtune.objectives import build_trainer, prepare_data
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model)
@@ -754,8 +753,7 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
                 found["loss"] = logs["loss"]
 
     plan = accel.resolve(recipe, accel.current_device(), model, data.train)
-    trainer = build_sft(recipe, model, tokenizer, data, out, callbacks=[Capture()], plan=plan)
-    trainer.llmtune_loss = accel.apply(model, plan)
+    trainer = build_trainer(recipe, model, tokenizer, data, out, [Capture()], plan)
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *args, **kwargs):

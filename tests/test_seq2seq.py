@@ -13,11 +13,12 @@ from conftest import expect_error, write_jsonl, write_tiny_recipe
 from test_e2e import ok, read_jsonl, run_cli
 from transformers import AutoModelForSeq2SeqLM
 
-from llmtune.data import IGNORE_INDEX, prepare_data
+from llmtune.batching import pad_rows
+from llmtune.data import IGNORE_INDEX
 from llmtune.evaluation import complete, evaluate, generate_texts
 from llmtune.merge import merge_adapter
 from llmtune.models import load_model, load_tokenizer, load_tuned
-from llmtune.objectives import _pad_rows
+from llmtune.objectives import prepare_data
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 
@@ -66,7 +67,7 @@ def test_rows_become_source_plus_eos_and_target_plus_eos_with_loss_on_every_targ
     assert counts["tokens"] == counts["loss_tokens"] + sum(len(r) for r in data.train["input_ids"])
 
     # Padded labels are -100, and the model's decoder reads the labels shifted right behind the pad token.
-    batch = _pad_rows(tok.pad_token_id)([data.train[0], data.train[1], data.train[2]])
+    batch = pad_rows(tok.pad_token_id)([data.train[0], data.train[1], data.train[2]])
     lengths = [len(r) for r in data.train["labels"][:3]]
     for i, n in enumerate(lengths):
         assert (batch["labels"][i, n:] == IGNORE_INDEX).all() and (batch["labels"][i, :n] != IGNORE_INDEX).all()

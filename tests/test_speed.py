@@ -16,9 +16,9 @@ from conftest import chat_rows, write_jsonl
 
 from llmtune.accel import Device, current_device, resolve
 from llmtune.accel.loss import TargetedLoss
+from llmtune.batching import pad_batch
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
-from llmtune.evaluation import pad_batch
 from llmtune.methods import METHODS
 from llmtune.models import load_model, load_tokenizer
 from llmtune.recipe import load_recipe
@@ -404,7 +404,7 @@ def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while
 def test_gradient_checkpointing_auto_is_on_a_gpu_unless_prefixes_or_fsdp_checkpoint(tmp_path):
     from trl import SFTConfig
 
-    from llmtune.objectives import training_args
+    from llmtune.objectives.base import training_args
 
     recipes = Path(__file__).parents[1] / "recipes"
     quickstart, prefix = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "prefix.yaml")

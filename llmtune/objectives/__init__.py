@@ -1,0 +1,60 @@
+"""The objective registry: recipe `objective.name` -> its family's data preparation, trainer and scoring.
+
+One module per family holds those three (see base.Objective); TRL is imported by the family modules only, so
+TRL's moving API stays in this package.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmtune import accel
+from llmtune.evaluation import score_responses
+from llmtune.objectives import classify, distill, grpo, lm, preference, seq2seq, sft
+from llmtune.objectives.base import Objective
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+    from llmtune.accel import SpeedPlan
+    from llmtune.data import PreparedData
+    from llmtune.recipe import Recipe
+
+OBJECTIVES: dict[str, Objective] = {
+    "sft": Objective(sft.prepare_rows, sft.build_sft, score_responses),
+    # Continued pretraining is SFT over text blocks whose every token is a label.
+    "lm": Objective(lm.prepare_blocks, sft.build_sft, lm.score_lm),
+    "classify": Objective(classify.prepare_classification, classify.build_classify, classify.score_classify),
+    "distill": Objective(sft.prepare_rows, distill.build_distill, score_responses),
+    "seq2seq": Objective(sft.prepare_rows, seq2seq.build_seq2seq, score_responses),
+    "dpo": Objective(preference.prepare_pairs, preference.build_dpo, preference.score_preferences),
+    "orpo": Objective(preference.prepare_pairs, preference.build_orpo, preference.score_preferences),
+    "simpo": Objective(preference.prepare_pairs, preference.build_simpo, preference.score_preferences),
+    "kto": Objective(preference.prepare_pairs, preference.build_kto, preference.score_preferences),
+    "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, score_responses),
+    "reward-model": Objective(preference.prepare_pairs, preference.build_reward_model, preference.score_preferences),
+}
+
+
+def build_trainer(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+    plan: SpeedPlan,
+) -> Trainer:
+    """The objective's trainer, then the speed plan's kernels switched on in `model`: after the trainer is built,
+    which may move the model to its device or cast its trained weights."""
+    objective = OBJECTIVES[recipe.objective.name]
+    trainer = objective.build_trainer(recipe, model, tokenizer, data, output_dir, callbacks, plan=plan)
+    trainer.llmtune_loss = accel.apply(model, plan)
+    return trainer
+
+
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """The recipe's training and held-out data, tokenized in the shape its objective trains on."""
+    return OBJECTIVES[recipe.objective.name].prepare(recipe, tokenizer)
