@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import chat_rows, write_jsonl
+from helpers import chat_rows, free_port, write_jsonl
 
 from llmtune import artifacts
 from llmtune.data import prepare_data
@@ -122,12 +121,6 @@ def write_recipe(root: Path, name: str, **training: Any) -> Path:
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

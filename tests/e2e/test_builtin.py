@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import write_jsonl
+from helpers import METRIC_KEYS, write_jsonl
 
 from llmtune import artifacts
 from llmtune.evaluation import evaluate
@@ -14,7 +14,6 @@ from llmtune.models import load_tokenizer
 from llmtune.run import finetune
 
 BUILTIN = "builtin:smollm2-135m-instruct"
-METRIC_KEYS = {"perplexity", "loss", "bleu", "rouge1", "rouge2", "rougeL", "exact_match"}
 # Questions a small instruct model answers plausibly, so its base perplexity says something about the pipeline.
 QA = [
     ("What is the capital of France?", "The capital of France is Paris."),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,17 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import chat_rows, write_tiny_recipe
+from helpers import (
+    METRIC_KEYS,
+    assert_one_line_error,
+    chat_rows,
+    logits_of,
+    ok,
+    probe_batch,
+    read_jsonl,
+    run_cli,
+    write_tiny_recipe,
+)
 
 from llmtune import artifacts, metrics
 from llmtune.data import Sample, encode_prompt
@@ -27,57 +36,13 @@ from llmtune.evaluation import complete, generate_texts
 from llmtune.models import load_model, load_tokenizer, load_tuned
 from llmtune.recipe import load_recipe
 
-METRIC_KEYS = {"perplexity", "loss", "bleu", "rouge1", "rouge2", "rougeL", "exact_match"}
-EVAL_ROWS = 6  # conftest's recipes hold out chat_rows(6)
+EVAL_ROWS = 6  # write_tiny_recipe holds out chat_rows(6)
 PROBE_PROMPTS = ["Count: ab", "Count: ab ab ab ab ab", "Hello there, how many words is this?", "x"]
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m llmtune ARGS` exactly as a user runs it; never touches the hub."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "llmtune", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
-    )
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def tree_digest(root: Path) -> dict[str, str]:
     files = (p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def probe_batch(tokenizer) -> dict[str, torch.Tensor]:
-    enc = tokenizer(PROBE_PROMPTS, padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-@torch.no_grad()
-def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    model.eval()
-    # Where the model is (a trained one stays on the GPU of a GPU machine); padding masked out.
-    logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
-    return logits * batch["attention_mask"][..., None]
 
 
 def chat_prompt_ids(text: str, tokenizer) -> list[int]:
@@ -216,7 +181,7 @@ def test_merged_model_loads_without_peft_and_matches_base_plus_adapter(lora_run:
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    batch = probe_batch(tokenizer)
+    batch = probe_batch(tokenizer, PROBE_PROMPTS)
     merged_logits = logits_of(merged, batch)
     tuned_logits = logits_of(PeftModel.from_pretrained(load_model("tiny:llama"), lora_run / "adapter"), batch)
     base_logits = logits_of(load_model("tiny:llama"), batch)
@@ -277,7 +242,7 @@ def test_save_reload_round_trip_gives_identical_logits(make_recipe, monkeypatch,
 
     first, tokenizer = load_tuned(result.run.path)
     second, _ = load_tuned(result.run.path)
-    batch = probe_batch(tokenizer)
+    batch = probe_batch(tokenizer, PROBE_PROMPTS)
     reloaded = logits_of(first, batch)
     assert torch.equal(reloaded, logits_of(second, batch))
     torch.testing.assert_close(reloaded, logits_of(trained["model"], batch), rtol=0, atol=1e-6)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import assert_one_line_error
 
 CLOSED_PORT_ENDPOINT = "http://127.0.0.1:9"  # nothing listens on the discard port: the hub is unreachable
 HUB_MODEL = "some-org/some-model-that-does-not-exist"
@@ -177,27 +178,17 @@ CASES = [
 ]
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, expect: list[str]) -> None:
-    assert result.returncode == 2, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and lines[0].removeprefix("error:").strip()
-    for fragment in expect:
-        assert fragment in lines[0]
-
-
 @pytest.mark.parametrize("build", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(build, tmp_path, make_recipe):
     case = build(tmp_path, make_recipe)
-    assert_one_line_error(run_cli(case.args, tmp_path, case.env), case.expect)
+    assert_one_line_error(run_cli(case.args, tmp_path, case.env), *case.expect)
     if case.check is not None:
         case.check()
 
 
 def test_eval_on_a_directory_that_is_not_a_run_says_so(tmp_path, make_recipe):
     case = eval_not_a_run(tmp_path, make_recipe)
-    assert_one_line_error(run_cli(case.args, tmp_path, case.env), [*case.expect, "not a run directory"])
+    assert_one_line_error(run_cli(case.args, tmp_path, case.env), *case.expect, "not a run directory")
 
 
 def test_debug_shows_the_traceback(tmp_path, make_recipe):

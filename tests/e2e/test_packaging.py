@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = {"gpu": ROOT / "docker" / "Dockerfile", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
 UPSTREAM = ("transformers", "peft", "trl", "accelerate", "datasets")

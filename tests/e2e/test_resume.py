@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import chat_rows, expect_error, write_jsonl
+from helpers import chat_rows, expect_error, write_jsonl
 from safetensors.torch import load_file
 
 from llmtune import artifacts, methods

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import pytest
 import torch
 import yaml
 from compat_matrix import FEATURES, MATRIX, NA, REFUSED, STATUSES, TESTED, render
-from conftest import chat_rows, expect_error, write_jsonl
+from helpers import TESTS, chat_rows, expect_error, free_port, write_jsonl
 
 import llmtune.objectives
 import llmtune.run
@@ -41,7 +40,6 @@ from llmtune.models import load_tuned
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
 
-TESTS = Path(__file__).resolve().parent
 README = TESTS.parent / "README.md"
 START, END = "<!-- compat-matrix:start -->", "<!-- compat-matrix:end -->"
 STEPS = 2
@@ -263,12 +261,6 @@ except Exception as e:
 seen["_qlora_base_after_init"] = {"group_up": torch.distributed.is_initialized(), "error": error}
 dump()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import chat_rows, expect_error, write_jsonl
+from helpers import chat_rows, expect_error, logits_of, probe_batch, write_jsonl
 from pydantic import TypeAdapter
 
 import llmtune.run
@@ -56,23 +56,6 @@ def fresh(ref: str, method: dict[str, Any]):
 
 def trainable_names(model) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
-
-
-def probe_batch(tokenizer) -> dict[str, torch.Tensor]:
-    enc = tokenizer(PROBE_PROMPTS, padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-@torch.no_grad()
-def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Eval-mode logits of the real tokens (prompt tuning's virtual-token positions dropped, padding zeroed)."""
-    was_training = model.training
-    model.eval()
-    # Where training left the model: on a GPU machine, the GPU.
-    device = next(model.parameters()).device
-    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, -batch["input_ids"].size(1) :].float()
-    model.train(was_training)
-    return logits.cpu() * batch["attention_mask"][..., None]
 
 
 def lora_layers(model) -> list[Any]:
@@ -287,7 +270,7 @@ def test_bitfit_trains_every_bias_of_gpt2():
 
 
 def _sgd_step(model, tokenizer) -> None:
-    batch = probe_batch(tokenizer)
+    batch = probe_batch(tokenizer, PROBE_PROMPTS)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
@@ -563,7 +546,7 @@ class Trained:
 def _train(root: Path, case: str) -> Trained:
     ref, method, training = E2E_CASES[case]
     recipe = write_recipe(root, case, ref, method, **training)
-    probe = probe_batch(load_tokenizer(ref))
+    probe = probe_batch(load_tokenizer(ref), PROBE_PROMPTS)
     seen: dict[str, Any] = {}
     save_weights = llmtune.run._save_weights
 

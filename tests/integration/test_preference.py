@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import expect_error, write_jsonl
+from helpers import WORDS, expect_error, write_jsonl
 from typer.testing import CliRunner
 
 from llmtune import metrics
@@ -26,8 +26,6 @@ from llmtune.models import load_base_model, load_tokenizer
 from llmtune.objectives import OBJECTIVES
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
-
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
 
 
 def preference_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:

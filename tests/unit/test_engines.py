@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import expect_error
+from helpers import expect_error
 
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune

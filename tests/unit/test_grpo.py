@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import expect_error, write_jsonl
+from helpers import WORDS, expect_error, write_jsonl
 from typer.testing import CliRunner
 
 from llmtune import metrics
@@ -17,8 +17,6 @@ from llmtune.data import prepare_data
 from llmtune.models import load_tokenizer
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
-
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
 
 
 def prompt_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import expect_error
-from test_e2e import logits_of, ok, run_cli
+from helpers import expect_error, logits_of, ok, run_cli
 
 from llmtune.data import group_texts, prepare_data
 from llmtune.evaluation import evaluate

@@ -8,14 +8,13 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import chat_rows, expect_error, write_jsonl
+from helpers import REPO, chat_rows, expect_error, write_jsonl
 
 import llmtune.methods
 import llmtune.objectives
 from llmtune.data import split_samples
 from llmtune.recipe import MethodSpec, ObjectiveSpec, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 DROP = object()  # a write_recipe value that removes the key
 SHIPPED_RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import expect_error, write_jsonl, write_tiny_recipe
-from test_e2e import ok, read_jsonl, run_cli
+from helpers import RECIPES, expect_error, ok, read_jsonl, run_cli, write_jsonl, write_tiny_recipe
 from transformers import AutoModelForSeq2SeqLM
 
 from llmtune.data import IGNORE_INDEX, prepare_data
@@ -20,8 +19,6 @@ from llmtune.models import load_model, load_tokenizer, load_tuned
 from llmtune.objectives import _pad_rows
 from llmtune.recipe import load_recipe
 from llmtune.run import finetune
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def reverse_rows(n: int, seed: int) -> list[dict[str, str]]:

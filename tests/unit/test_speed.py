@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import chat_rows, write_jsonl
+from helpers import RECIPES, chat_rows, write_jsonl
 
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
@@ -386,7 +385,7 @@ def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_
 def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while_training(monkeypatch):
     from llmtune.objectives import _frozen_bf16
 
-    recipes = Path(__file__).parents[1] / "recipes"
+    recipes = RECIPES
     quickstart, grpo = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "grpo.yaml")
     assert quickstart.training.frozen_bf16 == grpo.training.frozen_bf16 == "auto"
     assert grpo.method.name == quickstart.method.name == "lora"
@@ -405,7 +404,7 @@ def test_gradient_checkpointing_auto_is_on_a_gpu_unless_prefixes_or_fsdp_checkpo
     from llmtune.objectives import training_args
     from llmtune.training import use_gradient_checkpointing
 
-    recipes = Path(__file__).parents[1] / "recipes"
+    recipes = RECIPES
     quickstart, prefix = load_recipe(recipes / "quickstart.yaml"), load_recipe(recipes / "prefix.yaml")
     sharded = load_recipe(recipes / "quickstart.yaml", ["training.fsdp=true"])
     assert quickstart.training.gradient_checkpointing == prefix.training.gradient_checkpointing == "auto"

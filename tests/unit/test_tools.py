@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
-from conftest import chat_rows, expect_error, write_jsonl
+from helpers import RECIPES as REPO_RECIPES
+from helpers import chat_rows, expect_error, write_jsonl
 from typer.testing import CliRunner
 
 from llmtune.cli import recipes as recipes_cli
@@ -23,8 +24,6 @@ from llmtune.methods import METHODS
 from llmtune.models import load_tokenizer
 from llmtune.preview import build_preview, check_labels, pad_tokens, preview_data
 from llmtune.recipe import dump_recipe, load_recipe
-
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture(scope="module")
