@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -19,7 +21,10 @@ import pytest
 import torch
 import yaml
 
+from llmtune import artifacts
+from llmtune.data import IGNORE_INDEX, Sample, encode, encode_prompt
 from llmtune.errors import LLMTuneError
+from llmtune.methods import ADAPTER_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -81,6 +86,11 @@ def write_tiny_recipe(root: Path, name: str = "tiny", rows: int = 24, **sections
         "output": {"dir": str(root / "runs" / name)},
         **sections,
     }
+    return save_recipe(root, name, recipe)
+
+
+def save_recipe(root: Path, name: str, recipe: dict[str, Any]) -> Path:
+    """Write `recipe` to root/NAME.yaml, next to the data its relative paths name."""
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
@@ -88,6 +98,273 @@ def write_tiny_recipe(root: Path, name: str = "tiny", rows: int = 24, **sections
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_log(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / artifacts.TRAINER_LOG_FILE).read_text().splitlines()]
+
+
+# --- classification: reviews that end in 'good' or 'awful' ------------------------------------
+
+
+CLASSIFY_LABELS = ["negative", "positive"]
+REVIEW_FILLER = ["the", "film", "was", "plot", "very", "and", "acting", "quite", "it", "so"]
+
+
+def review_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Four filler words, then 'good' or 'awful': a decoder classifier pools the last token, so a dozen steps
+    learn it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        words = [*rng.sample(REVIEW_FILLER, 4), "good" if positive else "awful"]
+        rows.append({"text": " ".join(words), "label": CLASSIFY_LABELS[positive]})
+    return rows
+
+
+def write_classify_recipe(root: Path, name: str = "cls", model: str = "tiny:llama", **sections: Any) -> Path:
+    write_jsonl(root / "data" / "train.jsonl", review_rows(96, seed=0))
+    write_jsonl(root / "data" / "eval.jsonl", review_rows(32, seed=1))
+    recipe: dict[str, Any] = {
+        "model": model,
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "objective": {"name": "classify", "labels": CLASSIFY_LABELS},
+        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "classification", "max_length": 32},
+        "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 1e-2, "seed": 0, "logging_steps": 4},
+        "eval": {"batch_size": 16},
+        "output": {"dir": str(root / "runs" / name)},
+        **sections,
+    }
+    return save_recipe(root, name, recipe)
+
+
+# --- language modelling: a counting corpus ----------------------------------------------------
+
+
+COUNTING_WORDS = "one two three four five six seven eight nine ten".split()
+
+
+def counting_corpus(n: int, start: int = 0) -> str:
+    """Paragraphs that count on from a different word each time: easy to learn, never identical in order."""
+    paragraphs = []
+    for i in range(start, start + n):
+        k = i % len(COUNTING_WORDS)
+        paragraphs.append(" ".join(COUNTING_WORDS[k:] + COUNTING_WORDS[:k]) + ".")
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def write_lm_recipe(root: Path, name: str = "lm", **sections) -> Path:
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "train.txt").write_text(counting_corpus(60), encoding="utf-8")
+    (root / "data" / "eval.txt").write_text(counting_corpus(8, start=3), encoding="utf-8")
+    recipe = {
+        "model": "tiny:llama",
+        # The random tiny model's head must learn the new vocabulary too; LoRA on the blocks alone barely moves.
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "modules_to_save": ["lm_head"]},
+        "objective": {"name": "lm"},
+        "data": {"train": "data/train.txt", "eval": "data/eval.txt", "format": "text", "max_length": 64},
+        "training": {"max_steps": 20, "batch_size": 8, "learning_rate": 1e-2, "seed": 0, "logging_steps": 5},
+        "eval": {"batch_size": 8},
+        "output": {"dir": str(root / "runs" / name)},
+        **sections,
+    }
+    return save_recipe(root, name, recipe)
+
+
+# --- grpo: prompts with their reference -------------------------------------------------------
+
+
+def prompt_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    return [
+        {"prompt": "Count: " + " ".join(["ab"] * ((i + offset) % 7 + 1)), "completion": WORDS[(i + offset) % 7 + 1]}
+        for i in range(n)
+    ]
+
+
+def write_grpo_recipe(root: Path, **sections: Any) -> Path:
+    write_jsonl(root / "data" / "train.jsonl", prompt_rows(24))
+    write_jsonl(root / "data" / "eval.jsonl", prompt_rows(4, offset=3))
+    recipe: dict[str, Any] = {
+        "model": "tiny:llama",
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "objective": {"name": "grpo", "reward": "exact_match", "num_generations": 4, "max_completion_length": 8},
+        "data": {
+            "train": "data/train.jsonl",
+            "eval": "data/eval.jsonl",
+            "format": "prompt_completion",
+            "max_length": 64,
+        },
+        "training": {
+            "max_steps": 2,
+            "batch_size": 8,
+            "learning_rate": 1e-2,
+            "seed": 0,
+            "logging_steps": 1,
+            "save_steps": None,
+            "report_to": [],
+        },
+        "eval": {"batch_size": 4, "max_new_tokens": 8},
+        "output": {"dir": str(root / "runs" / "grpo")},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if key in ("data", "training", "objective") else value
+    return save_recipe(root, "grpo", recipe)
+
+
+# --- preference pairs -------------------------------------------------------------------------
+
+
+def preference_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(n):
+        k = (i + offset) % 7 + 1
+        rows.append({"prompt": "Count: " + " ".join(["ab"] * k), "chosen": WORDS[k], "rejected": WORDS[k].upper()})
+    return rows
+
+
+def write_preference_recipe(root: Path, name: str = "dpo", train: list | None = None, **sections: Any) -> Path:
+    write_jsonl(root / "data" / "train.jsonl", preference_rows(28) if train is None else train)
+    write_jsonl(root / "data" / "eval.jsonl", preference_rows(8, offset=3))
+    recipe: dict[str, Any] = {
+        "model": "tiny:llama",
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "objective": {"name": "dpo", "beta": 0.1},
+        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "preference", "max_length": 64},
+        "training": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "seed": 0,
+            "logging_steps": 1,
+            "save_steps": None,
+            "report_to": [],
+        },
+        "eval": {"batch_size": 8},
+        "output": {"dir": str(root / "runs" / name)},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if key in ("data", "training") else value
+    return save_recipe(root, name, recipe)
+
+
+# --- seq2seq: string reversal on tiny:t5 ------------------------------------------------------
+
+
+def reverse_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Short strings over four letters and their reversals: learnable by a tiny model in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcd") for _ in range(rng.randint(2, 4)))
+        rows.append({"prompt": word, "completion": word[::-1]})
+    return rows
+
+
+def write_s2s_recipe(root: Path, name: str = "s2s", rows: int = 48, **sections: Any) -> Path:
+    """A tiny:t5 seq2seq recipe on the reversal task; keyword sections replace the defaults."""
+    defaults: dict[str, Any] = {
+        "model": "tiny:t5",
+        "objective": {"name": "seq2seq"},
+        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "prompt_completion"},
+        "eval": {"max_new_tokens": 6, "batch_size": 8},
+    }
+    path = write_tiny_recipe(root, name, **{**defaults, **sections})
+    write_jsonl(root / "data" / "train.jsonl", reverse_rows(rows, seed=0))
+    write_jsonl(root / "data" / "eval.jsonl", reverse_rows(8, seed=1))
+    return path
+
+
+# --- masks and encoding -----------------------------------------------------------------------
+
+
+def convo(*turns: str, system: str | None = None) -> list[dict[str, str]]:
+    """Messages alternating user, assistant, user, ... after an optional system message."""
+    messages = [{"role": "system", "content": system}] if system else []
+    roles = ("user", "assistant")
+    return messages + [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+def plain_ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def rendered(tok, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def loss_positions(labels: list[int]) -> list[int]:
+    return [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+
+
+def loss_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """Runs [start, end) of consecutive positions that carry loss."""
+    spans: list[tuple[int, int]] = []
+    for i in loss_positions(labels):
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def loss_text(tok, labels: list[int]) -> str:
+    return tok.decode([label for label in labels if label != IGNORE_INDEX])
+
+
+def assert_prompt_matches_training(sample: Sample, tok) -> None:
+    """The ids a model is given at inference are the ids training saw before the last response."""
+    ids, labels = encode(sample, tok)
+    prompt, _ = sample.prompt_and_reference()
+    last_response_start = loss_spans(labels)[-1][0]
+    assert encode_prompt(prompt, tok) == ids[:last_response_start]
+
+
+# --- the compatibility matrix (compat_matrix.py): one SFT recipe per method, two steps --------
+
+
+COMPAT_STEPS = 2
+COMPAT_ROWS = 24
+# Methods that need a model with biases (bitfit) or a tied head (head) train tiny:gpt2.
+COMPAT_GPT2_METHODS = {"bitfit", "head"}
+
+
+def compat_model(method: str) -> str:
+    return "tiny:gpt2" if method in COMPAT_GPT2_METHODS else "tiny:llama"
+
+
+def write_compat_recipe(root: Path, name: str, method: str, sections: dict[str, dict[str, Any]] | None = None) -> Path:
+    """The matrix's SFT recipe for `method`; `sections` update its sections key by key."""
+    write_jsonl(root / "data" / "train.jsonl", chat_rows(COMPAT_ROWS))
+    write_jsonl(root / "data" / "eval.jsonl", chat_rows(4))
+    recipe: dict[str, Any] = {
+        "model": compat_model(method),
+        "method": {"name": method},
+        "objective": {"name": "sft"},
+        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
+        # lr 1e-2 so two steps move every trainable tensor (LoRA's A gets its first gradient in step 2).
+        "training": {"max_steps": COMPAT_STEPS, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1},
+        "eval": {"max_new_tokens": 4, "batch_size": 4},
+        "output": {"dir": str(root / "runs" / name)},
+    }
+    for section, values in (sections or {}).items():
+        recipe[section] = {**recipe[section], **values}
+    return save_recipe(root, name, recipe)
+
+
+def logged_loss_steps(run: Path) -> list[int]:
+    lines = (run / artifacts.TRAINER_LOG_FILE).read_text().splitlines()
+    return [entry["step"] for entry in map(json.loads, lines) if "loss" in entry]
+
+
+def check_compat_run(run: Path, method: str) -> None:
+    """A completed run that saved what its method saves, with COMPAT_STEPS logged once each."""
+    assert json.loads((run / artifacts.MANIFEST_FILE).read_text())["status"] == "completed"
+    metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
+    assert metrics["steps"] == COMPAT_STEPS and math.isfinite(metrics["train_loss"])
+    weights = run / ("adapter" if method in ADAPTER_METHODS else "model")
+    assert any(weights.glob("*.safetensors")), sorted(p.name for p in run.iterdir())
+    assert logged_loss_steps(run) == list(range(1, COMPAT_STEPS + 1))
 
 
 # --- the CLI ----------------------------------------------------------------------------------------
@@ -119,6 +396,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 # --- models ---------------------------------------------------------------------------------------
+
+
+PROBE_IDS = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 53, 54]])
+
+
+@torch.no_grad()
+def probe_logits(model) -> torch.Tensor:
+    """Eval-mode logits of PROBE_IDS, two rows of token ids every tiny model reads."""
+    return model.eval()(input_ids=PROBE_IDS).logits
 
 
 def probe_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:

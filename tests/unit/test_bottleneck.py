@@ -7,29 +7,20 @@ cases of tests/test_methods.py; its compatibility-matrix cells are in tests/test
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import expect_error
+from helpers import probe_logits as logits
 from safetensors.torch import load_file
 
-from llmtune import artifacts
 from llmtune.bottleneck import CONFIG_FILE, WEIGHTS_FILE, add_adapters, load_adapters, save_adapters
 from llmtune.methods import METHODS
-from llmtune.models import load_model, load_tokenizer, load_tuned
+from llmtune.models import load_model, load_tokenizer
 from llmtune.recipe import AdapterSpec
-from llmtune.run import finetune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-IDS = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 53, 54]])
-
-
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model.eval()(input_ids=IDS).logits
 
 
 def adapted(ref: str, **options) -> tuple[torch.nn.Module, AdapterSpec]:
@@ -88,42 +79,3 @@ def test_a_model_without_attention_and_feed_forward_blocks_is_refused_naming_wha
 def test_an_objective_with_a_task_head_is_refused():
     with expect_error("method adapter", "SEQ_CLS", "lora"):
         METHODS["adapter"](AdapterSpec(name="adapter"), load_model("tiny:llama"), None, task_type="SEQ_CLS")
-
-
-def test_checkpoints_carry_the_adapters_and_resume_reproduces_the_uninterrupted_run(make_recipe):
-    recipe = make_recipe(
-        "adapter",
-        method={"name": "adapter", "placement": "houlsby"},
-        training={
-            "max_steps": 4,
-            "batch_size": 4,
-            "learning_rate": 1e-2,
-            "seed": 0,
-            # Windows of 3 that do not end at checkpoint-2: the checkpoint logs its own window.
-            "logging_steps": 3,
-            "save_steps": 2,
-            "keep_checkpoints": None,
-        },
-    )
-    run = finetune(recipe).run.path
-    uninterrupted = load_file(run / artifacts.ADAPTER_DIR / WEIGHTS_FILE)
-    uninterrupted_metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
-    checkpoint = run / "checkpoint-2"
-
-    # A checkpoint loads on its own (eval / generate on it), with the step-2 adapters: trained, not final.
-    at_step_2, _ = load_tuned(checkpoint)
-    final, _ = load_tuned(run)
-    base = logits(load_model("tiny:llama"))
-    assert (logits(at_step_2) - base).abs().max() > 0
-    assert (logits(at_step_2) - logits(final)).abs().max() > 0
-
-    finetune(recipe, resume=checkpoint)
-    resumed = load_file(run / artifacts.ADAPTER_DIR / WEIGHTS_FILE)
-    assert resumed.keys() == uninterrupted.keys() and len(resumed) == 16  # 4 adapters x down/up x weight/bias
-    worst = max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed)
-    assert worst <= 1e-6
-    # The mean loss reported is over all 4 steps, as in the uninterrupted run, not over the 2 resumed ones.
-    metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
-    assert metrics["train_loss"] == pytest.approx(uninterrupted_metrics["train_loss"], abs=1e-6)
-    logged = [(e["step"], e["loss"]) for e in map(json.loads, (run / artifacts.TRAINER_LOG_FILE).open()) if "loss" in e]
-    assert [step for step, _ in logged] == [2, 3, 4]

@@ -12,7 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, chat_rows, expect_error, write_jsonl
+from helpers import (
+    REPO,
+    assert_prompt_matches_training,
+    chat_rows,
+    convo,
+    expect_error,
+    loss_positions,
+    loss_spans,
+    loss_text,
+    plain_ids,
+    rendered,
+    write_jsonl,
+)
 
 from llmtune.data import (
     IGNORE_INDEX,
@@ -41,48 +53,6 @@ def tok():
 
 def spec(**fields: Any) -> DataSpec:
     return DataSpec(train="unused.jsonl", **fields)
-
-
-def convo(*turns: str, system: str | None = None) -> list[dict[str, str]]:
-    """Messages alternating user, assistant, user, ... after an optional system message."""
-    messages = [{"role": "system", "content": system}] if system else []
-    roles = ("user", "assistant")
-    return messages + [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
-
-
-def plain_ids(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def rendered(tok, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def loss_positions(labels: list[int]) -> list[int]:
-    return [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-
-
-def loss_spans(labels: list[int]) -> list[tuple[int, int]]:
-    """Runs [start, end) of consecutive positions that carry loss."""
-    spans: list[tuple[int, int]] = []
-    for i in loss_positions(labels):
-        if spans and spans[-1][1] == i:
-            spans[-1] = (spans[-1][0], i + 1)
-        else:
-            spans.append((i, i + 1))
-    return spans
-
-
-def loss_text(tok, labels: list[int]) -> str:
-    return tok.decode([label for label in labels if label != IGNORE_INDEX])
-
-
-def assert_prompt_matches_training(sample: Sample, tok) -> None:
-    """The ids a model is given at inference are the ids training saw before the last response."""
-    ids, labels = encode(sample, tok)
-    prompt, _ = sample.prompt_and_reference()
-    last_response_start = loss_spans(labels)[-1][0]
-    assert encode_prompt(prompt, tok) == ids[:last_response_start]
 
 
 # --- masking on the tiny tokenizer ---------------------------------------------------------------
@@ -151,20 +121,6 @@ def test_inference_prompt_equals_training_prefix(tok, messages):
     prompt_ids = encode_prompt(sample.prompt_and_reference()[0], tok)
     assert prompt_ids.count(tok.bos_token_id) == 1
     assert tok.decode(prompt_ids).endswith("<|im_start|>assistant\n")
-
-
-@pytest.mark.slow
-def test_builtin_tokenizer_masking():
-    tok = load_tokenizer("builtin:smollm2-135m-instruct")
-    assert tok.pad_token_id == tok.eos_token_id
-    for messages in (convo("hi there", "Hello, friend."), convo("q1", "2029-01-29", "q2", " spaced out", system="S")):
-        sample = Sample(messages=messages)
-        ids, labels = encode(sample, tok)
-        # SmolLM2's BOS is <|im_start|>: the ids are the rendered conversation, with nothing added.
-        assert ids == plain_ids(tok, rendered(tok, messages))
-        answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        assert [tok.decode(ids[a:b]) for a, b in loss_spans(labels)] == [a + tok.eos_token for a in answers]
-        assert_prompt_matches_training(sample, tok)
 
 
 # --- formats -------------------------------------------------------------------------------------

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 
 import pytest
 from helpers import expect_error
@@ -35,20 +32,3 @@ def test_deepspeed_without_the_package_says_how_to_install(make_recipe, monkeypa
     monkeypatch.setenv("RANK", "0")
     with expect_error("pip install deepspeed"):
         finetune(make_recipe(training={"max_steps": 1, "deepspeed": "ds.json"}))
-
-
-def test_fsdp_trains_with_two_cpu_processes(make_recipe, tmp_path):
-    recipe = make_recipe(training={"max_steps": 2, "batch_size": 2, "fsdp": True, "logging_steps": 1})
-    result = subprocess.run(
-        [sys.executable, "-m", "llmtune", "finetune", str(recipe), "--nproc", "2"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    # torchrun's failure summary alone is 1,500 characters; the workers' own errors come before it.
-    assert result.returncode == 0, result.stderr[-8000:]
-    run = tmp_path / "runs" / "tiny"
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
-    assert result.stdout.count("done:") == 1

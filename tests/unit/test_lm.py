@@ -6,52 +6,14 @@ through the library calls those commands make (a subprocess each would double th
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from helpers import expect_error, logits_of, ok, run_cli
+from helpers import counting_corpus, expect_error, write_lm_recipe
 
 from llmtune.data import group_texts, prepare_data
-from llmtune.evaluation import evaluate
-from llmtune.merge import merge_adapter
-from llmtune.models import load_model, load_tokenizer
+from llmtune.models import load_tokenizer
 from llmtune.recipe import load_recipe
-
-WORDS = "one two three four five six seven eight nine ten".split()
-
-
-def counting_corpus(n: int, start: int = 0) -> str:
-    """Paragraphs that count on from a different word each time: easy to learn, never identical in order."""
-    paragraphs = []
-    for i in range(start, start + n):
-        k = i % len(WORDS)
-        paragraphs.append(" ".join(WORDS[k:] + WORDS[:k]) + ".")
-    return "\n\n".join(paragraphs) + "\n"
-
-
-def write_lm_recipe(root: Path, name: str = "lm", **sections) -> Path:
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    (root / "data" / "train.txt").write_text(counting_corpus(60), encoding="utf-8")
-    (root / "data" / "eval.txt").write_text(counting_corpus(8, start=3), encoding="utf-8")
-    recipe = {
-        "model": "tiny:llama",
-        # The random tiny model's head must learn the new vocabulary too; LoRA on the blocks alone barely moves.
-        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "modules_to_save": ["lm_head"]},
-        "objective": {"name": "lm"},
-        "data": {"train": "data/train.txt", "eval": "data/eval.txt", "format": "text", "max_length": 64},
-        "training": {"max_steps": 20, "batch_size": 8, "learning_rate": 1e-2, "seed": 0, "logging_steps": 5},
-        "eval": {"batch_size": 8},
-        "output": {"dir": str(root / "runs" / name)},
-        **sections,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
-
 
 # --- blocking --------------------------------------------------------------------------------------
 
@@ -116,45 +78,6 @@ def test_recipe_refuses_what_lm_cannot_do(tmp_path: Path, override: str, fragmen
 
 def test_lm_recipe_reports_perplexity_by_default(tmp_path: Path):
     assert load_recipe(write_lm_recipe(tmp_path)).eval.metrics == ["perplexity"]
-
-
-# --- end to end on tiny:llama ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("lm")
-    result = ok(run_cli("finetune", str(write_lm_recipe(root)), cwd=root))
-    assert "in blocks of 64 from 60 documents" in result.stdout
-    return root, root / "runs" / "lm"
-
-
-def test_training_lowers_held_out_perplexity(lm_run: tuple[Path, Path], one_torch_thread):
-    _, run = lm_run
-    evaluate(run, compare_base=True)
-    scores = json.loads((run / "eval.json").read_text())
-    assert set(scores["tuned"]) == set(scores["base"]) == {"perplexity", "loss"}
-    for label in ("tuned", "base"):
-        assert scores[label]["perplexity"] == pytest.approx(math.exp(scores[label]["loss"]))
-    # A random byte-level model starts near the vocabulary size; the counting text is learned to a fraction.
-    assert scores["base"]["perplexity"] > 100
-    assert scores["tuned"]["perplexity"] < scores["base"]["perplexity"] / 10
-
-
-def test_merged_lm_reproduces_the_tuned_logits(lm_run: tuple[Path, Path], one_torch_thread):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    root, run = lm_run
-    out = root / "merged"
-    merge_adapter(run, out)
-    tokenizer = load_tokenizer("tiny:llama")
-    batch = tokenizer(["one two three", "seven eight nine ten one"], padding=True, return_tensors="pt")
-    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    tuned = PeftModel.from_pretrained(load_model("tiny:llama"), run / "adapter")
-    merged = AutoModelForCausalLM.from_pretrained(out)
-    assert torch.allclose(logits_of(merged, batch), logits_of(tuned, batch), atol=1e-4)
-    assert not torch.allclose(logits_of(merged, batch), logits_of(load_model("tiny:llama"), batch), atol=1e-2)
 
 
 def test_data_preview_shows_the_blocks_training_sees(tmp_path: Path):
