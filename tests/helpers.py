@@ -20,11 +20,15 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from pydantic import TypeAdapter
 
 from llmtune import artifacts
+from llmtune.artifacts import COMPLETE_MARKER, complete_checkpoints
 from llmtune.data import IGNORE_INDEX, Sample, encode, encode_prompt
 from llmtune.errors import LLMTuneError
-from llmtune.methods import ADAPTER_METHODS
+from llmtune.methods import ADAPTER_METHODS, METHODS
+from llmtune.models import load_model, load_tokenizer
+from llmtune.recipe import MethodSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -81,12 +85,17 @@ def write_tiny_recipe(root: Path, name: str = "tiny", rows: int = 24, **sections
         "objective": {"name": "sft"},
         "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
         # lr 1e-2 so three steps move LoRA's B well away from zero: a zero B makes merge checks pass trivially.
-        "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1},
+        "training": tiny_training(),
         "eval": {"max_new_tokens": 6, "batch_size": 4},
         "output": {"dir": str(root / "runs" / name)},
         **sections,
     }
     return save_recipe(root, name, recipe)
+
+
+def tiny_training(**extra: Any) -> dict[str, Any]:
+    """write_tiny_recipe's training section: three steps of four rows at lr 1e-2, seeded; `extra` keys added."""
+    return {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1, **extra}
 
 
 def save_recipe(root: Path, name: str, recipe: dict[str, Any]) -> Path:
@@ -367,6 +376,114 @@ def check_compat_run(run: Path, method: str) -> None:
     assert logged_loss_steps(run) == list(range(1, COMPAT_STEPS + 1))
 
 
+# --- tuning methods on a fresh tiny model ----------------------------------------------------------
+
+LLAMA, GPT2 = "tiny:llama", "tiny:gpt2"
+METHOD_PROBE_PROMPTS = ["Count: ab ab ab", "hi", "Hello there, how many words is this?"]
+_METHOD_SPEC = TypeAdapter(MethodSpec)
+
+
+def spec_of(method: dict[str, Any]):
+    """A method section validated by the recipe schema, as `load_recipe` would give it to a builder."""
+    return _METHOD_SPEC.validate_python(method)
+
+
+def fresh(ref: str, method: dict[str, Any]):
+    """(model, tokenizer): a fresh tiny model through the method's builder, as finetune loads and builds it."""
+    spec = spec_of(method)
+    tokenizer = load_tokenizer(ref)
+    quantization = spec if spec.name == "qlora" else None
+    model = METHODS[spec.name](spec, load_model(ref, "float32", quantization), tokenizer)
+    return model, tokenizer
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+# --- run directories, checkpoints and resume ------------------------------------------------------
+
+RESUME_STEPS = 24  # optimizer steps of the end-to-end runs: 40 rows / (4 x 2) = 5 steps an epoch, so 4.8 epochs
+RESUME_SAVE_STEPS = 4
+RESUME_TRAINING = {
+    "max_steps": RESUME_STEPS,
+    "batch_size": 4,
+    "grad_accum": 2,
+    "learning_rate": 1e-2,
+    "seed": 0,
+    "logging_steps": 1,
+    "save_steps": RESUME_SAVE_STEPS,
+    "keep_checkpoints": 2,
+}
+
+
+def varied_rows(n: int) -> list[dict[str, Any]]:
+    """Conversations of very different lengths, in prompt and in answer (so in loss-bearing tokens)."""
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+    rows = []
+    for i in range(n):
+        question = " ".join(["ab"] * (i * 7 % 23 + 1))
+        answer = " ".join([words[i % 7 + 1]] * (i * 5 % 4 + 1))
+        rows.append(
+            {"messages": [{"role": "user", "content": f"Count: {question}"}, {"role": "assistant", "content": answer}]}
+        )
+    return rows
+
+
+def run_dir(recipe: Path) -> Path:
+    return Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
+
+
+def manifest(run: Path) -> dict[str, Any]:
+    return json.loads((run / artifacts.MANIFEST_FILE).read_text())
+
+
+def log_entries(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / artifacts.TRAINER_LOG_FILE).read_text().splitlines()]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in log_entries(run) if "loss" in e]
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return [p.name for p in complete_checkpoints(run)]
+
+
+def leftovers(run: Path) -> list[str]:
+    """Staging directories and checkpoint directories without COMPLETE: what an atomic writer never leaves."""
+    names = []
+    for p in run.iterdir():
+        if p.name.startswith("." + artifacts.CHECKPOINT_PREFIX):
+            names.append(p.name)
+        elif p.name.startswith(artifacts.CHECKPOINT_PREFIX) and not (p / COMPLETE_MARKER).is_file():
+            names.append(p.name)
+    return sorted(names)
+
+
+def assert_one_line(message: str) -> None:
+    assert "\n" not in message and "\r" not in message, repr(message)
+
+
+# --- 3. a failure in the middle of a checkpoint write ---------------------------------------------------
+
+
+def fail_checkpoint_write(monkeypatch: pytest.MonkeyPatch, nth: int, error: BaseException) -> None:
+    """Raise `error` from the `nth` checkpoint write, after weights and optimizer are written, before RNG states."""
+    from transformers import Trainer
+
+    original = Trainer._save_rng_state
+    calls = {"n": 0}
+
+    def save_rng_state(self, output_dir):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise error
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", save_rng_state)
+
+
 # --- the CLI ----------------------------------------------------------------------------------------
 
 
@@ -405,6 +522,19 @@ PROBE_IDS = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 53, 54]])
 def probe_logits(model) -> torch.Tensor:
     """Eval-mode logits of PROBE_IDS, two rows of token ids every tiny model reads."""
     return model.eval()(input_ids=PROBE_IDS).logits
+
+
+def chat_batch(tokenizer, n: int = 5) -> dict[str, torch.Tensor]:
+    """chat_rows(n) encoded for training and right-padded: input_ids, attention_mask and labels."""
+    from llmtune.evaluation import pad_batch
+
+    rows = []
+    for row in chat_rows(n):
+        ids, labels = encode(Sample(messages=row["messages"]), tokenizer)
+        rows.append((ids, labels))
+    ids, attn = pad_batch([r[0] for r in rows], tokenizer.pad_token_id, left=False)
+    labels, _ = pad_batch([r[1] for r in rows], IGNORE_INDEX, left=False)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
 def probe_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,9 @@ from llmtune.bottleneck import WEIGHTS_FILE
 from llmtune.models import load_model, load_tuned
 from llmtune.run import finetune
 
+# The tiny models train much faster on one thread on a busy two-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_checkpoints_carry_the_adapters_and_resume_reproduces_the_uninterrupted_run(make_recipe):
     recipe = make_recipe(

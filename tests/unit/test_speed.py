@@ -6,34 +6,20 @@ cuts padding; and a finetune with every lever on follows the same loss curve as 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import pytest
 import torch
-from helpers import RECIPES, chat_rows, write_jsonl
+from helpers import RECIPES
+from helpers import chat_batch as _batch
 
 from llmtune.data import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
-from llmtune.evaluation import pad_batch
 from llmtune.loss import TargetedLoss
 from llmtune.methods import METHODS
 from llmtune.models import load_model, load_tokenizer
 from llmtune.recipe import load_recipe
-from llmtune.run import finetune
 from llmtune.training import use_bf16
-
-
-def _batch(tokenizer, n: int = 5):
-    from llmtune.data import Sample, encode
-
-    rows = []
-    for row in chat_rows(n):
-        ids, labels = encode(Sample(messages=row["messages"]), tokenizer)
-        rows.append((ids, labels))
-    ids, attn = pad_batch([r[0] for r in rows], tokenizer.pad_token_id, left=False)
-    labels, _ = pad_batch([r[1] for r in rows], IGNORE_INDEX, left=False)
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
 def _plain_loss(model, batch, num_items=None):
@@ -146,68 +132,6 @@ def test_bf16_auto_follows_the_cpu(make_recipe, monkeypatch):
     for native in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         assert use_bf16(recipe) is native
-
-
-def test_length_grouping_cuts_padding(make_recipe, sft_trainers, tmp_path):
-
-    # Lengths from one to forty words, shuffled: random batches mix short and long rows. Enough rows for the
-    # sampler to sort groups of several batches at once (it keeps at least four groups).
-    words = [" ".join(["ab"] * (1 + (i * 17) % 40)) for i in range(320)]
-    rows = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": "ok"}]} for w in words]
-    write_jsonl(tmp_path / "long.jsonl", rows)
-    waste = {}
-    for grouped in (True, False):
-        path = make_recipe(
-            f"group-{grouped}",
-            data={
-                "train": str(tmp_path / "long.jsonl"),
-                "eval_split": 0.0,
-                "format": "chat",
-                "max_length": 256,
-                "padding_free": False,
-            },
-            training={"max_steps": 1, "batch_size": 8, "group_by_length": grouped, "bf16": False},
-        )
-        finetune(path)
-        padded = real_tokens = 0
-        for batch in sft_trainers[-1].get_train_dataloader():
-            padded += batch["attention_mask"].numel()
-            real_tokens += int(batch["attention_mask"].sum())
-        waste[grouped] = 1 - real_tokens / padded
-    assert waste[True] < 0.1 < waste[False], waste
-
-
-def test_finetune_with_every_lever_follows_the_plain_loss_curve(make_recipe):
-    curves = {}
-    for name, fast in (("fast", True), ("plain", False)):
-        path = make_recipe(
-            name,
-            data={
-                "train": "data/train.jsonl",
-                "eval": "data/eval.jsonl",
-                "format": "chat",
-                "max_length": 96,
-                "padding_free": fast,
-            },
-            training={
-                "max_steps": 4,
-                "batch_size": 4,
-                "learning_rate": 1e-2,
-                "logging_steps": 1,
-                "bf16": fast,
-                "fused_loss": fast,
-                "fused_blocks": fast,
-                "fused_lora": fast,
-                "group_by_length": False,
-            },
-        )
-        run = finetune(path).run
-        log = [json.loads(line) for line in (run.path / "trainer_log.jsonl").read_text().splitlines()]
-        curves[name] = [entry["loss"] for entry in log if "loss" in entry]
-    assert len(curves["fast"]) == len(curves["plain"]) == 4
-    # bf16 matmuls round to 8 bits of mantissa: the curves agree to well under a percent, not bit for bit.
-    assert curves["fast"] == pytest.approx(curves["plain"], rel=1e-2)
-    assert curves["fast"] != curves["plain"]
 
 
 def _saved_bytes(fn, counted) -> tuple[Any, int]:
@@ -353,33 +277,6 @@ def test_the_embeddings_weights_stay_in_float32(ref, targets, one_torch_thread):
 def test_frozen_bf16_true_is_refused_where_the_run_saves_or_reads_frozen_weights(method, make_recipe):
     with pytest.raises(LLMTuneError, match=f"training.frozen_bf16: method {method} saves or reads"):
         load_recipe(make_recipe(method={"name": method}, training={"frozen_bf16": True}))
-
-
-@pytest.mark.parametrize("method", ["lora", "ia3"])
-def test_frozen_bf16_stores_the_frozen_weights_and_the_saved_adapter_reproduces_training(
-    method, make_recipe, sft_trainers
-):
-    training = {"max_steps": 2, "learning_rate": 1e-2, "bf16": True, "frozen_bf16": True}
-    run = finetune(make_recipe(method={"name": method}, training=training)).run
-    model = sft_trainers[0].model
-    head = model.get_output_embeddings()
-    blocks = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad and m is not head]
-    assert blocks
-    assert {m.weight.dtype for m in blocks} == {torch.bfloat16}
-    if not torch.cuda.is_available():  # compared as training ran, on the CPU
-        # The saved adapter over the float32 base from its checkpoint computes under autocast exactly what
-        # training computed.
-        from llmtune.attention import use_segmented_attention
-        from llmtune.models import load_tuned
-        from llmtune.precision import fuse_lora_layers, route_frozen_linears
-
-        reloaded, tokenizer = load_tuned(run.path)
-        route_frozen_linears(reloaded)
-        fuse_lora_layers(reloaded)
-        use_segmented_attention(reloaded, float32=True)  # as training attends on the CPU
-        ids = _batch(tokenizer)["input_ids"]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(model.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits)
 
 
 def test_frozen_bf16_auto_is_on_a_gpu_and_off_for_objectives_that_generate_while_training(monkeypatch):
@@ -569,16 +466,6 @@ def test_fused_lora_keeps_loss_and_gradients_and_saves_no_more(dropout, full_pre
     for name, grad in exact.items():  # every adapter weight gets its gradient, A's and B's alike
         assert (fused_grads[name] - grad).norm() <= 5e-2 * grad.norm(), name
     assert fused_saved <= peft_saved
-
-
-@pytest.mark.parametrize("fused_lora, routed", [("auto", True), (False, False)])
-def test_fused_lora_auto_routes_every_lora_layer_of_a_cpu_run(fused_lora, routed, make_recipe, sft_trainers):
-    from peft.tuners.lora import Linear as LoraLinear
-
-    training = {"max_steps": 1, "bf16": True, "fused_lora": fused_lora}
-    finetune(make_recipe(method={"name": "lora", "dropout": 0.1}, training=training))
-    layers = [m for m in sft_trainers[0].model.modules() if type(m) is LoraLinear]
-    assert layers and all(("forward" in vars(m)) is routed for m in layers)
 
 
 def test_fused_lora_returns_what_peft_returns_over_bf16_weights_and_keeps_torch_dropout_on_request(
