@@ -512,6 +512,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return lines[0]
 
 
+def finetune_through_cli(root: Path, recipe: Path, printed: str) -> tuple[Path, Path]:
+    """`llmtune finetune RECIPE` in a subprocess, whose output must include `printed`: (root, the run directory)."""
+    result = ok(run_cli("finetune", str(recipe), cwd=root))
+    assert printed in result.stdout
+    return root, Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
+
+
 # --- models ---------------------------------------------------------------------------------------
 
 

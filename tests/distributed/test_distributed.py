@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from helpers import chat_rows, free_port, write_jsonl
+from helpers import chat_rows, free_port, save_recipe, write_jsonl
 
 from llmtune import artifacts
 from llmtune.data import prepare_data
@@ -118,9 +117,7 @@ def write_recipe(root: Path, name: str, **training: Any) -> Path:
         "eval": {"max_new_tokens": 4, "batch_size": 4},
         "output": {"dir": str(root / "runs" / name)},
     }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    return save_recipe(root, name, recipe)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CLASSIFY_LABELS as LABELS
-from helpers import RECIPES, ok, run_cli, write_classify_recipe, write_jsonl
+from helpers import RECIPES, finetune_through_cli, run_cli, write_classify_recipe, write_jsonl
 
 from llmtune.data import prepare_data, split_samples
 from llmtune.errors import LLMTuneError
@@ -25,9 +25,7 @@ from llmtune.recipe import load_recipe
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cls")
-    result = ok(run_cli("finetune", str(write_classify_recipe(root)), cwd=root))
-    assert "labels negative" in result.stdout
-    return root, root / "runs" / "cls"
+    return finetune_through_cli(root, write_classify_recipe(root), "labels negative")
 
 
 def test_training_raises_accuracy_over_the_untrained_head(cls_run: tuple[Path, Path], one_torch_thread):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import logits_of, ok, run_cli, write_lm_recipe
+from helpers import finetune_through_cli, logits_of, write_lm_recipe
 
 from llmtune.evaluation import evaluate
 from llmtune.merge import merge_adapter
@@ -20,9 +20,7 @@ from llmtune.models import load_model, load_tokenizer
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("lm")
-    result = ok(run_cli("finetune", str(write_lm_recipe(root)), cwd=root))
-    assert "in blocks of 64 from 60 documents" in result.stdout
-    return root, root / "runs" / "lm"
+    return finetune_through_cli(root, write_lm_recipe(root), "in blocks of 64 from 60 documents")
 
 
 def test_training_lowers_held_out_perplexity(lm_run: tuple[Path, Path], one_torch_thread):

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from helpers import RESUME_SAVE_STEPS as SAVE_STEPS
 from helpers import RESUME_STEPS as STEPS
 from helpers import RESUME_TRAINING as TRAINING
@@ -37,6 +36,7 @@ from helpers import (
     losses,
     manifest,
     run_dir,
+    save_recipe,
     varied_rows,
     write_jsonl,
 )
@@ -74,9 +74,7 @@ def write_recipe(root: Path, name: str, method: dict[str, Any], **training: Any)
         "eval": {"max_new_tokens": 4, "batch_size": 6},
         "output": {"dir": str(root / "runs" / name)},
     }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    return save_recipe(root, name, recipe)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

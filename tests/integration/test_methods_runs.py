@@ -16,8 +16,18 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from helpers import GPT2, LLAMA, chat_rows, expect_error, fresh, logits_of, probe_batch, trainable_names, write_jsonl
+from helpers import (
+    GPT2,
+    LLAMA,
+    chat_rows,
+    expect_error,
+    fresh,
+    logits_of,
+    probe_batch,
+    save_recipe,
+    trainable_names,
+    write_jsonl,
+)
 from helpers import METHOD_PROBE_PROMPTS as PROBE_PROMPTS
 from helpers import tiny_training as _training
 
@@ -83,9 +93,7 @@ def write_recipe(root: Path, name: str, ref: str, method: dict[str, Any], **trai
         "eval": {"max_new_tokens": 4, "batch_size": 4},
         "output": {"dir": str(root / "runs" / name)},
     }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    return save_recipe(root, name, recipe)
 
 
 @dataclass

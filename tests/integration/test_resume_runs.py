@@ -6,6 +6,7 @@ import errno
 import os
 import shlex
 import signal
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -79,28 +80,33 @@ def test_disk_full_as_safetensors_reports_it_is_a_disk_full_error(make_recipe, m
 # --- 4. non-finite loss ----------------------------------------------------------------------------------
 
 
-def poison_embeddings(monkeypatch: pytest.MonkeyPatch, method: str, first_bad_forward: int, value: float) -> None:
-    """Build `method` as usual, then multiply the input embeddings by `value` from the Nth training forward on.
-
-    (Not the logits: TRL computes the SFT loss from lm_head's weight directly, so lm_head's hooks never run.)
-    """
+def hook_training_forwards(monkeypatch: pytest.MonkeyPatch, method: str, on_forward: Callable[[int, Any], Any]) -> None:
+    """Build `method` as usual, then call `on_forward(n, output)` on the input embeddings' nth training forward
+    (n from 1); a value it returns other than None replaces the embeddings' output."""
     build = methods.METHODS[method]
     calls = {"n": 0}
 
-    def build_poisoned(spec, model, tokenizer, **kwargs):
+    def build_hooked(spec, model, tokenizer, **kwargs):
         tuned = build(spec, model, tokenizer, **kwargs)
 
         def hook(module, args, output):
             if module.training:
                 calls["n"] += 1
-                if calls["n"] >= first_bad_forward:
-                    return output * value
+                return on_forward(calls["n"], output)
             return None
 
         tuned.get_input_embeddings().register_forward_hook(hook)
         return tuned
 
-    monkeypatch.setitem(methods.METHODS, method, build_poisoned)
+    monkeypatch.setitem(methods.METHODS, method, build_hooked)
+
+
+def poison_embeddings(monkeypatch: pytest.MonkeyPatch, method: str, first_bad_forward: int, value: float) -> None:
+    """Build `method` as usual, then multiply the input embeddings by `value` from the Nth training forward on.
+
+    (Not the logits: TRL computes the SFT loss from lm_head's weight directly, so lm_head's hooks never run.)
+    """
+    hook_training_forwards(monkeypatch, method, lambda n, output: output * value if n >= first_bad_forward else None)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -123,26 +129,16 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(make
 
 def signal_at_forward(monkeypatch: pytest.MonkeyPatch, method: str, nth: int, sig: int) -> None:
     """Send `sig` to this process during the Nth training forward: only once finetune's handler is installed."""
-    build = methods.METHODS[method]
-    calls = {"n": 0}
 
-    def build_signalling(spec, model, tokenizer, **kwargs):
-        tuned = build(spec, model, tokenizer, **kwargs)
+    def send(n, output):
+        if n == nth:
+            handler = signal.getsignal(sig)
+            if not isinstance(getattr(handler, "__self__", None), StopOnSignalCallback):
+                raise RuntimeError(f"no llmtune handler for {sig!r}; not signalling the test process")
+            os.kill(os.getpid(), sig)
+        return None
 
-        def hook(module, args, output):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] == nth:
-                    handler = signal.getsignal(sig)
-                    if not isinstance(getattr(handler, "__self__", None), StopOnSignalCallback):
-                        raise RuntimeError(f"no llmtune handler for {sig!r}; not signalling the test process")
-                    os.kill(os.getpid(), sig)
-            return None
-
-        tuned.get_input_embeddings().register_forward_hook(hook)
-        return tuned
-
-    monkeypatch.setitem(methods.METHODS, method, build_signalling)
+    hook_training_forwards(monkeypatch, method, send)
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_restores_handlers(make_recipe, monkeypatch):

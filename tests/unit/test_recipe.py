@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from helpers import REPO, chat_rows, expect_error, write_jsonl
+from helpers import REPO, chat_rows, expect_error, save_recipe, write_jsonl
 
 import llmtune.methods
 import llmtune.objectives
@@ -24,9 +23,7 @@ def write_recipe(directory: Path, **changes: Any) -> Path:
     write_jsonl(directory / "data" / "train.jsonl", chat_rows(4))
     recipe: dict[str, Any] = {"model": "tiny:llama", "method": {"name": "lora"}, "data": {"train": "data/train.jsonl"}}
     recipe = {key: value for key, value in {**recipe, **changes}.items() if value is not DROP}
-    path = directory / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    return save_recipe(directory, "r", recipe)
 
 
 def literal_names(spec: Any) -> set[str]:
