@@ -7,6 +7,7 @@ Fixtures live in conftest.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -20,15 +21,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from pydantic import TypeAdapter
 
 from llmtune import artifacts
 from llmtune.artifacts import COMPLETE_MARKER, complete_checkpoints
 from llmtune.data import IGNORE_INDEX, Sample, encode, encode_prompt
 from llmtune.errors import LLMTuneError
-from llmtune.methods import ADAPTER_METHODS, METHODS
-from llmtune.models import load_model, load_tokenizer
-from llmtune.recipe import MethodSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -371,6 +368,8 @@ def check_compat_run(run: Path, method: str) -> None:
     assert json.loads((run / artifacts.MANIFEST_FILE).read_text())["status"] == "completed"
     metrics = json.loads((run / artifacts.METRICS_FILE).read_text())
     assert metrics["steps"] == COMPAT_STEPS and math.isfinite(metrics["train_loss"])
+    from llmtune.methods import ADAPTER_METHODS
+
     weights = run / ("adapter" if method in ADAPTER_METHODS else "model")
     assert any(weights.glob("*.safetensors")), sorted(p.name for p in run.iterdir())
     assert logged_loss_steps(run) == list(range(1, COMPAT_STEPS + 1))
@@ -380,16 +379,27 @@ def check_compat_run(run: Path, method: str) -> None:
 
 LLAMA, GPT2 = "tiny:llama", "tiny:gpt2"
 METHOD_PROBE_PROMPTS = ["Count: ab ab ab", "hi", "Hello there, how many words is this?"]
-_METHOD_SPEC = TypeAdapter(MethodSpec)
+
+
+@functools.cache
+def _method_spec():
+    from pydantic import TypeAdapter
+
+    from llmtune.recipe import MethodSpec
+
+    return TypeAdapter(MethodSpec)
 
 
 def spec_of(method: dict[str, Any]):
     """A method section validated by the recipe schema, as `load_recipe` would give it to a builder."""
-    return _METHOD_SPEC.validate_python(method)
+    return _method_spec().validate_python(method)
 
 
 def fresh(ref: str, method: dict[str, Any]):
     """(model, tokenizer): a fresh tiny model through the method's builder, as finetune loads and builds it."""
+    from llmtune.methods import METHODS
+    from llmtune.models import load_model, load_tokenizer
+
     spec = spec_of(method)
     tokenizer = load_tokenizer(ref)
     quantization = spec if spec.name == "qlora" else None
@@ -419,7 +429,7 @@ RESUME_TRAINING = {
 
 def varied_rows(n: int) -> list[dict[str, Any]]:
     """Conversations of very different lengths, in prompt and in answer (so in loss-bearing tokens)."""
-    words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+    words = WORDS
     rows = []
     for i in range(n):
         question = " ".join(["ab"] * (i * 7 % 23 + 1))

@@ -1,8 +1,9 @@
 """Runs that survive (issue 6): resume after a crash reproduces the uninterrupted run, atomic checkpoints, guards.
 
 The end-to-end runs (SIGKILL and SIGINT through the real `python -m llmtune finetune`) start together in
-one module fixture, so their interpreter start-ups overlap with the in-process reference runs; everything
-else trains in-process on tiny:llama. Torch runs on one thread here and in the subprocesses: the tiny
+one module fixture, so their interpreter start-ups overlap with the in-process reference runs; the checks
+that need no subprocess are in tests/integration/test_resume_runs.py, the recipe-loader fuzz in
+tests/unit/test_recipe_fuzz.py. Torch runs on one thread here and in the subprocesses: the tiny
 model is far faster that way on a busy two-core machine, and both sides of every comparison use the same
 thread count.
 """

@@ -88,7 +88,7 @@ def write_recipe(root: Path, name: str, ref: str, method: dict[str, Any], **trai
         "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
         # lr 1e-2 so three steps move every method's weights well away from their start. The end-of-training
         # model is compared with the saved run in float32; training.frozen_bf16 would leave its frozen weights
-        # rounded to bf16 (tests/test_speed.py checks that lever's save and reload under autocast).
+        # rounded to bf16 (tests/integration/test_speed_runs.py checks that lever's save and reload under autocast).
         "training": _training(frozen_bf16=False, **training),
         "eval": {"max_new_tokens": 4, "batch_size": 4},
         "output": {"dir": str(root / "runs" / name)},

@@ -1,8 +1,9 @@
-"""Bottleneck adapters (llmtune.bottleneck): the start equals the base, save/load round trips, checkpoints carry
-the adapters so a resumed run reproduces the uninterrupted one, and models without blocks are refused.
+"""Bottleneck adapters (llmtune.bottleneck): the start equals the base, save/load round trips, and models without
+blocks are refused. Checkpoints that carry the adapters through a resume: tests/integration/test_bottleneck_runs.py.
 
 The method's catalogue checks (trainable set, eval --compare-base, generate, merge refusal, bad options) are
-cases of tests/test_methods.py; its compatibility-matrix cells are in tests/test_compat.py.
+cases of tests/unit/test_methods.py and tests/integration/test_methods_runs.py; its compatibility-matrix cells are
+in tests/integration/test_compat.py.
 """
 
 from __future__ import annotations
