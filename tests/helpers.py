@@ -106,10 +106,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def read_log(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / artifacts.TRAINER_LOG_FILE).read_text().splitlines()]
-
-
 # --- classification: reviews that end in 'good' or 'awful' ------------------------------------
 
 
@@ -359,8 +355,7 @@ def write_compat_recipe(root: Path, name: str, method: str, sections: dict[str, 
 
 
 def logged_loss_steps(run: Path) -> list[int]:
-    lines = (run / artifacts.TRAINER_LOG_FILE).read_text().splitlines()
-    return [entry["step"] for entry in map(json.loads, lines) if "loss" in entry]
+    return [entry["step"] for entry in log_entries(run) if "loss" in entry]
 
 
 def check_compat_run(run: Path, method: str) -> None:
@@ -449,6 +444,7 @@ def manifest(run: Path) -> dict[str, Any]:
 
 
 def log_entries(run: Path) -> list[dict[str, Any]]:
+    """The run's trainer log, one dict a line."""
     return [json.loads(line) for line in (run / artifacts.TRAINER_LOG_FILE).read_text().splitlines()]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from helpers import read_log, write_grpo_recipe
+from helpers import log_entries as read_log
+from helpers import write_grpo_recipe
 from typer.testing import CliRunner
 
 from llmtune.cli.app import app

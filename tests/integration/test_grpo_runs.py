@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import read_log, write_grpo_recipe
+from helpers import log_entries as read_log
+from helpers import write_grpo_recipe
 
 from llmtune import metrics
 from llmtune.run import finetune
