@@ -1,5 +1,6 @@
 # `make quickstart` sets up .venv, fine-tunes the builtin model and evaluates it against its base.
-# `make test` sets up the same .venv if needed and runs the test suite.
+# `make test` sets up the same .venv if needed and runs the test suite; `make test-fast` runs tests/unit only
+# (pure functions and small modules, no Trainer run: about a minute on two cores).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -9,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmtune-installed
 
-.PHONY: venv quickstart test clean
+.PHONY: venv quickstart test test-fast clean
 
 venv: $(STAMP)
 
@@ -34,6 +35,9 @@ quickstart: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q tests/unit
 
 clean:
 	rm -rf $(VENV) runs merged .pytest_cache

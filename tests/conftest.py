@@ -1,70 +1,32 @@
-"""Shared fixtures: small datasets and recipes on the in-process tiny model."""
+"""Shared fixtures: small datasets and recipes on the in-process tiny model; each test marked by its folder.
+
+Helpers that are not fixtures live in helpers.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from helpers import write_tiny_recipe
 
-from llmtune.errors import LLMTuneError
-
-
-def chat_rows(n: int) -> list[dict[str, Any]]:
-    """Short, varied conversations: the answer is the word count of the question, in words."""
-    words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
-    rows = []
-    for i in range(n):
-        question = " ".join(["ab"] * (i % 7 + 1))
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"Count: {question}"},
-                    {"role": "assistant", "content": words[i % 7 + 1]},
-                ]
-            }
-        )
-    return rows
+KINDS = ("unit", "integration", "e2e", "distributed")
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with the folder it lives in: `pytest -m unit` runs tests/unit/, and so on. Tests marked
+    `gpu` run where CUDA is (`pytest -m gpu` on a GPU machine) and are skipped elsewhere."""
+    import torch
 
-
-@contextlib.contextmanager
-def expect_error(*fragments: str):
-    """Expect an LLMTuneError whose message is one line containing every fragment."""
-    with pytest.raises(LLMTuneError) as info:
-        yield info
-    message = str(info.value)
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
-def write_tiny_recipe(root: Path, name: str = "tiny", rows: int = 24, **sections: Any) -> Path:
-    """Write a recipe for tiny:llama with its own chat data under `root`; keyword sections replace the defaults."""
-    write_jsonl(root / "data" / "train.jsonl", chat_rows(rows))
-    write_jsonl(root / "data" / "eval.jsonl", chat_rows(6))
-    recipe: dict[str, Any] = {
-        "model": "tiny:llama",
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "objective": {"name": "sft"},
-        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 96},
-        # lr 1e-2 so three steps move LoRA's B well away from zero: a zero B makes merge checks pass trivially.
-        "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 0, "logging_steps": 1},
-        "eval": {"max_new_tokens": 6, "batch_size": 4},
-        "output": {"dir": str(root / "runs" / name)},
-        **sections,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    tests = Path(__file__).resolve().parent
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(tests).parts
+        if len(parts) > 1 and parts[0] in KINDS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture
