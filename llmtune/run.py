@@ -18,7 +18,7 @@ from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, comple
 from llmtune.errors import LLMTuneError
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer, parameter_counts
-from llmtune.objectives import build_trainer, prepare_data
+from llmtune.objectives import OBJECTIVES, prepare_data
 from llmtune.objectives.base import check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
@@ -75,11 +75,15 @@ def finetune(
         _write_run_dir(out, recipe, data, plan, checkpoint, overwrite)
     run = RunDir(out)
 
-    # 5. Trainer, then the plan's kernels switched on in its model.
+    # 5. Trainer, built from the plan's mixed precision, checkpointing and batching.
     stop = StopOnSignalCallback()
     trainer = _build_trainer(recipe, model, tokenizer, data, run, plan, stop)
 
-    # 6. Train and save; the manifest says how the run ended.
+    # 6. The plan's kernels and levers switched on in the model, now that the trainer has moved it to its device
+    #    and cast its trained weights; the fused loss, if the plan has one, is what the trainer computes.
+    trainer.llmtune_loss = accel.apply(model, plan)
+
+    # 7. Train and save; the manifest says how the run ended.
     started = time.time()
     stop.install()
     try:
@@ -149,7 +153,7 @@ def _build_trainer(recipe, model, tokenizer, data, run: RunDir, plan: accel.Spee
     callbacks = [_jsonl_log_callback(run.file(artifacts.TRAINER_LOG_FILE)), SaveAtEndCallback(), stop]
     # Listed last: it must see every other callback's request for a checkpoint.
     callbacks.append(LogAtSaveCallback())
-    trainer = build_trainer(recipe, model, tokenizer, data, run.path, callbacks, plan)
+    trainer = OBJECTIVES[recipe.objective.name].build_trainer(recipe, model, tokenizer, data, run.path, callbacks, plan)
     trainer.llmtune_keep_checkpoints = recipe.training.keep_checkpoints
     trainer.llmtune_recipe_file = run.file(artifacts.RECIPE_FILE)
     return trainer

@@ -584,7 +584,7 @@ def built_trainer(recipe_path: Path):
     from llmtune import accel
     from llmtune.methods import METHODS, PEFT_TASK_TYPES
     from llmtune.models import load_base_model, load_tokenizer
-    from llmtune.objectives import build_trainer, prepare_data
+    from llmtune.objectives import OBJECTIVES, prepare_data
     from llmtune.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -593,4 +593,8 @@ def built_trainer(recipe_path: Path):
     task_type = PEFT_TASK_TYPES[recipe.objective.model_kind]
     model = METHODS[recipe.method.name](recipe.method, load_base_model(recipe), tokenizer, task_type=task_type)
     plan = accel.resolve(recipe, accel.current_device(), model, data.train)
-    return build_trainer(recipe, model, tokenizer, data, Path(recipe.output.dir), [], plan)
+    trainer = OBJECTIVES[recipe.objective.name].build_trainer(
+        recipe, model, tokenizer, data, Path(recipe.output.dir), [], plan
+    )
+    trainer.llmtune_loss = accel.apply(model, plan)
+    return trainer

@@ -1,6 +1,6 @@
 """Attention during training: per-row attention over padding-free batches, and float32 attention on the CPU.
 
-Padding-free batches (`data.padding_free`, and packing) put a batch's rows end to end in one sequence, with
+Padding-free batches (`speed.padding_free`, and packing) put a batch's rows end to end in one sequence, with
 position ids restarting at each row and the row boundaries in `cu_seq_lens_q`. Through plain sdpa,
 transformers derives a block-diagonal mask from the position ids and attends over the whole sequence with
 it: 8 rows of 280 tokens cost attention over 2,240 x 2,240 positions instead of 8 x 280 x 280. Here each row

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llmtune import accel
 from llmtune.evaluation import score_responses
 from llmtune.objectives import classify, distill, grpo, lm, preference, seq2seq, sft
 from llmtune.objectives.base import Objective
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from transformers import PreTrainedTokenizerBase
 
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
-
-    from llmtune.accel import SpeedPlan
     from llmtune.data import PreparedData
     from llmtune.recipe import Recipe
 
@@ -36,23 +32,6 @@ OBJECTIVES: dict[str, Objective] = {
     "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, score_responses),
     "reward-model": Objective(preference.prepare_pairs, preference.build_reward_model, preference.score_preferences),
 }
-
-
-def build_trainer(
-    recipe: Recipe,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: PreparedData,
-    output_dir: Path,
-    callbacks: list[TrainerCallback],
-    plan: SpeedPlan,
-) -> Trainer:
-    """The objective's trainer, then the speed plan's kernels switched on in `model`: after the trainer is built,
-    which may move the model to its device or cast its trained weights."""
-    objective = OBJECTIVES[recipe.objective.name]
-    trainer = objective.build_trainer(recipe, model, tokenizer, data, output_dir, callbacks, plan=plan)
-    trainer.llmtune_loss = accel.apply(model, plan)
-    return trainer
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:

@@ -1,5 +1,5 @@
 """What every objective shares: the interface the registry holds, training arguments from the recipe, the one
-way a trainer is built (llmtune's guards, progress line, logs, speed levers) and the frozen reference model."""
+way a trainer is built (llmtune's guards, progress line and logs) and the frozen reference model."""
 
 from __future__ import annotations
 

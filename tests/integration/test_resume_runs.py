@@ -239,7 +239,7 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
 
     from llmtune import accel
     from llmtune.models import load_model, load_tokenizer
-    from llmtune.objectives import build_trainer, prepare_data
+    from llmtune.objectives import OBJECTIVES, prepare_data
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model)
@@ -262,7 +262,8 @@ def one_step_gradients(recipe_path: Path, out: Path) -> dict[str, Any]:
                 found["loss"] = logs["loss"]
 
     plan = accel.resolve(recipe, accel.current_device(), model, data.train)
-    trainer = build_trainer(recipe, model, tokenizer, data, out, [Capture()], plan)
+    trainer = OBJECTIVES["sft"].build_trainer(recipe, model, tokenizer, data, out, [Capture()], plan)
+    trainer.llmtune_loss = accel.apply(model, plan)
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *args, **kwargs):
