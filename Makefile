@@ -33,8 +33,11 @@ quickstart: venv
 	fi
 	$(BIN)/llmtune eval runs/quickstart --compare-base
 
+# Test files spread over JOBS processes, each file whole in one (module fixtures train their runs once).
+JOBS ?= 2
+
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
 
 test-fast: venv
 	$(BIN)/python -m pytest -q tests/unit

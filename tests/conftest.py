@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
         parts = Path(item.path).resolve().relative_to(tests).parts
         if len(parts) > 1 and parts[0] in KINDS:
             item.add_marker(getattr(pytest.mark, parts[0]))
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
             item.add_marker(no_gpu)
 
 
