@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import LLMTuneError, first_line
 from llmtune.recipe import DataSpec, Recipe, is_local_data_ref
+from llmtune.templates import apply_template, end_of_turn, missing_template
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -243,10 +244,9 @@ def to_sample(row: dict[str, Any], spec: DataSpec, where: str, labels: list[str]
         ]
     if spec.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": spec.system_prompt}, *messages]
-    if not spec.chat_template:
-        if spec.format == "chat":
-            raise LLMTuneError(f"{where}: format 'chat' needs data.chat_template: true")
+    if not spec.chat_template and spec.format != "chat":
         return Sample(segments=[(m["content"], m["role"] == "assistant") for m in messages])
+    # Conversations without a template are rendered by the plain one (templates.PLAIN_TEMPLATE), turn by turn.
     return Sample(messages=messages)
 
 
@@ -295,7 +295,9 @@ def _preference_sample(row: dict[str, Any], spec: DataSpec, where: str, col: dic
     )
 
 
-def _messages(value: Any, where: str, column: str, need_assistant: bool = True) -> list[dict[str, str]]:
+def _messages(value: Any, where: str, column: str, need_assistant: bool = True) -> list[dict[str, Any]]:
+    """{role, content} messages; an assistant message with `train: false` (or axolotl's `weight: 0`) keeps
+    that key and carries no loss."""
     if not isinstance(value, list) or not value:
         raise LLMTuneError(f"{where}: column {column!r} must be a non-empty list of {{role, content}} messages")
     messages = []
@@ -308,10 +310,32 @@ def _messages(value: Any, where: str, column: str, need_assistant: bool = True) 
             raise LLMTuneError(f"{where}: {column}[{i}] needs a role (system/user/assistant) and text content")
         if role == "assistant" and not content.strip():
             raise LLMTuneError(f"{where}: {column}[{i}] is an empty assistant message")
-        messages.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if not _trained(m, role, f"{where}: {column}[{i}]"):
+            message["train"] = False
+        messages.append(message)
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise LLMTuneError(f"{where}: no assistant message, so no response tokens to train on")
+    if need_assistant and all(m.get("train") is False for m in messages if m["role"] == "assistant"):
+        raise LLMTuneError(f"{where}: every assistant message has train: false, so no response tokens to train on")
     return messages
+
+
+def _trained(message: dict[str, Any], role: str, where: str) -> bool:
+    train, weight = message.get("train"), message.get("weight")
+    if train is None and weight is None:
+        return True
+    if role != "assistant":
+        raise LLMTuneError(f"{where}: train / weight mark assistant messages only; remove it from this {role} message")
+    if weight is not None:
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise LLMTuneError(f"{where}: weight must be 0 (no loss) or 1 (loss), got {weight!r}")
+        if train is not None and bool(train) != bool(weight):
+            raise LLMTuneError(f"{where}: train and weight disagree; keep one of them")
+        return bool(weight)
+    if not isinstance(train, bool):
+        raise LLMTuneError(f"{where}: train must be true or false, got {train!r}")
+    return train
 
 
 def label_index(value: Any, labels: list[str], where: str, column: str) -> int:
@@ -351,14 +375,25 @@ def split_samples(recipe: Recipe) -> tuple[list[Sample], list[Sample]]:
     return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
 
 
+def prepare_tokenizer(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Give the tokenizer the recipe's chat template; returns the special tokens that had to be added."""
+    if recipe.data.format in ("text", "classification") or recipe.objective.model_kind != "causal-lm":
+        return []  # rows without turns, and encoders, read plain text
+    return apply_template(tokenizer, recipe.data.chat_template)
+
+
 # --- tokenizing and masking ------------------------------------------------------------------------
 
 
 def encode(
     sample: Sample, tokenizer: PreTrainedTokenizerBase, loss_on: str = "response"
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one sample; labels are -100 wherever no loss is taken."""
-    pieces = _pieces(sample, tokenizer)
+    """Token ids and labels for one sample; labels are -100 wherever no loss is taken.
+
+    Args:
+        loss_on: 'response' (every trained response), 'last_turn' (the last response only) or 'all'.
+    """
+    pieces = _pieces(sample, tokenizer, loss_on)
     ids, loss = _tokenize_pieces(tokenizer, pieces)
     if loss_on == "all":
         labels = list(ids)
@@ -383,19 +418,24 @@ def encode_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase, encoder_de
     return ids
 
 
-def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase, loss_on: str = "response") -> list[tuple[str, bool]]:
     eos = _eos_token(tokenizer)
     if sample.segments is not None:
         pieces = list(sample.segments)
+        if loss_on == "last_turn":
+            last = max((i for i, (_, loss) in enumerate(pieces) if loss), default=-1)
+            pieces = [(text, loss and i == last) for i, (text, loss) in enumerate(pieces)]
         text, loss = pieces[-1]
         return [*pieces[:-1], (text + eos, loss)]
     # Render the conversation turn by turn, so the text between "prompt with generation prompt" and
     # "conversation through this assistant turn" is exactly the response the model must produce.
+    turn_end = end_of_turn(tokenizer)
+    answers = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
     pieces: list[tuple[str, bool]] = []
     done = ""
-    for i, m in enumerate(sample.messages):
-        if m["role"] != "assistant":
-            continue
+    for i in answers:
+        m = sample.messages[i]
+        trained = m.get("train", True) and (loss_on != "last_turn" or i == answers[-1])
         through = _render(tokenizer, sample.messages[: i + 1], add_generation_prompt=False)
         prefix = _render(tokenizer, sample.messages[:i], add_generation_prompt=True) if i else ""
         if i and prefix.startswith(done) and through.startswith(prefix):
@@ -410,14 +450,14 @@ def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[st
                     "cannot be located; set data.chat_template: false or use another template"
                 )
         response = through[start:]
-        end = response.find(eos)
+        end = response.find(turn_end)
         pieces.append((through[len(done) : start], False))
         if end < 0:
-            # The template does not end turns with EOS: add it, or the tuned model never learns to stop.
-            pieces.append((response.rstrip("\n") + eos, True))
+            # The template does not end turns with a token: add EOS, or the tuned model never learns to stop.
+            pieces.append((response.rstrip("\n") + eos, trained))
         else:
-            pieces.append((response[: end + len(eos)], True))
-            pieces.append((response[end + len(eos) :], False))
+            pieces.append((response[: end + len(turn_end)], trained))
+            pieces.append((response[end + len(turn_end) :], False))
         done = through
     tail = _render(tokenizer, sample.messages, add_generation_prompt=False)[len(done) :]
     if tail:
@@ -449,12 +489,9 @@ def _plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
     if not tokenizer.chat_template:
-        raise LLMTuneError(
-            f"tokenizer {tokenizer.name_or_path!r} has no chat template; set data.chat_template: false "
-            "(prompt and response are then joined as plain text)"
-        )
+        raise missing_template(tokenizer)
     if not messages:
         return ""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

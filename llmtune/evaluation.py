@@ -15,11 +15,12 @@ from llmtune import artifacts, metrics
 from llmtune.accel import on_device
 from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.batching import padded_batches
-from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, split_samples
+from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, prepare_tokenizer, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.models import checkpoint_kind, load_base_model, load_model, load_teacher, load_tokenizer, load_tuned
 from llmtune.recipe import DistillSpec, Recipe, load_recipe
 from llmtune.report import write_run_report
+from llmtune.templates import stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -58,8 +59,9 @@ def evaluate(
             artifacts.open_run(path)  # says why this directory is not a run
         recipe = load_recipe(path, overrides)
         tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
+        prepare_tokenizer(recipe, tokenizer)
         torch.manual_seed(recipe.training.seed)
-        model = on_device(load_base_model(recipe, quantized=False))
+        model = on_device(load_base_model(recipe, quantized=False, tokenizer=tokenizer))
         label, compare_base = "base", False
     _, samples = split_samples(recipe)
     if not samples:
@@ -73,7 +75,7 @@ def evaluate(
     results, generations = {}, {}
     results[label], generations[label] = score_model(model, tokenizer, samples, recipe, teacher)
     if compare_base:
-        with _base_of(model, recipe) as base:
+        with _base_of(model, recipe, tokenizer) as base:
             results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe, teacher)
     if teacher is not None:
         results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
@@ -101,7 +103,7 @@ def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
 
 
 @contextlib.contextmanager
-def _base_of(model: PreTrainedModel, recipe: Recipe):
+def _base_of(model: PreTrainedModel, recipe: Recipe, tokenizer: PreTrainedTokenizerBase):
     if _prompt_learning_config(model) is not None:
         # Virtual tokens leave the base model's weights as they were.
         yield model.get_base_model()
@@ -111,7 +113,7 @@ def _base_of(model: PreTrainedModel, recipe: Recipe):
             yield model
     else:
         torch.manual_seed(recipe.training.seed)
-        yield on_device(load_base_model(recipe, quantized=False))
+        yield on_device(load_base_model(recipe, quantized=False, tokenizer=tokenizer))
 
 
 def _predictions_path(out: Path, target: Path) -> Path:
@@ -305,7 +307,8 @@ def generate_texts(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> list[str]:
-    """Complete each prompt, left-padded in batches, stopping at EOS; greedy unless temperature > 0."""
+    """Complete each prompt, left-padded in batches, stopping at EOS or the template's end of turn; greedy unless
+    temperature > 0."""
     sampling = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
@@ -316,7 +319,7 @@ def generate_texts(
         out = generator.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             **sampling,
         )

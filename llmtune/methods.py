@@ -41,8 +41,16 @@ MODELS_WITH_BIASES = "GPT-2, OPT, BLOOM, Pythia/GPT-NeoX, BERT, Qwen2/2.5 (q/k/v
 
 
 def build_lora(
-    spec: LoraSpec | DoraSpec | QLoraSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM"
+    spec: LoraSpec | DoraSpec | QLoraSpec,
+    model: PreTrainedModel,
+    tokenizer=None,
+    task_type: str = "CAUSAL_LM",
+    new_tokens: list[int] | None = None,
 ) -> PreTrainedModel:
+    """Args:
+    new_tokens: ids of tokens the chat template added, whose embedding (and untied output) rows train beside
+        the low-rank update, and are saved with the adapter.
+    """
     from peft import LoraConfig
 
     if isinstance(spec, QLoraSpec):
@@ -62,8 +70,19 @@ def build_lora(
         use_dora=isinstance(spec, DoraSpec),
         init_lora_weights=True if spec.init == "default" else spec.init,
         task_type=task_type,
+        trainable_token_indices=_token_rows(model, new_tokens or [], spec.modules_to_save) or None,
     )
     return _peft(model, config)
+
+
+def _token_rows(model: PreTrainedModel, ids: list[int], whole: list[str]) -> dict[str, list[int]]:
+    """peft's trainable tokens for the input embeddings, and for an output head with its own weights (a tied
+    head follows the embeddings by itself); a layer in `whole` (modules_to_save) trains every row anyway."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [embeddings] + ([head] if head is not None and head.weight is not embeddings.weight else [])
+    names = {id(module): name for name, module in model.named_modules()}
+    rows = {names[id(layer)]: list(ids) for layer in layers} if ids else {}
+    return {name: r for name, r in rows.items() if name.rsplit(".", 1)[-1] not in whole}
 
 
 def build_ia3(spec: IA3Spec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:

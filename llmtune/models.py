@@ -160,20 +160,52 @@ def checkpoint_kind(ref: str) -> str:
     return "seq2seq-lm" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
 
 
-def load_base_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
-    """The recipe's untuned model, with the head its objective needs (quantized for qlora unless told not to)."""
+def load_base_model(
+    recipe: Recipe, quantized: bool = True, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """The recipe's untuned model, with the head its objective needs (quantized for qlora unless told not to).
+
+    Args:
+        tokenizer: the run's tokenizer; the embeddings grow to the tokens its chat template added, and
+            generation stops at its end-of-turn token.
+    """
     quantization = recipe.method if recipe.method.name == "qlora" and quantized else None
     objective = recipe.objective
     student = getattr(objective, "student", None)
     if student is not None:
-        return build_student(load_teacher(objective.teacher, recipe.training.dtype), student.from_teacher)
-    model = load_model(
-        recipe.model, recipe.training.dtype, quantization, objective.model_kind, **objective.head_config()
-    )
+        model = build_student(load_teacher(objective.teacher, recipe.training.dtype), student.from_teacher)
+    else:
+        model = load_model(
+            recipe.model, recipe.training.dtype, quantization, objective.model_kind, **objective.head_config()
+        )
     if objective.model_kind == "sequence-classification" and model.config.pad_token_id is None:
         # A decoder classifier pools its last non-padding token, so it must know which token is padding.
         model.config.pad_token_id = load_tokenizer(recipe.tokenizer or recipe.model).pad_token_id
+    if tokenizer is not None:
+        fit_vocabulary(model, tokenizer)
     return model
+
+
+def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings to the tokenizer's added tokens and stop generation at its end of turn.
+
+    New rows start at the mean of the pretrained rows (and the output head's likewise): a deterministic start,
+    so the base that eval and merge rebuild from a run directory is the one training started from.
+    """
+    import torch
+
+    from llmtune.templates import stop_token_ids
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if layer is not None:
+                    layer.weight[rows:] = layer.weight[:rows].mean(0)
+    stops = stop_token_ids(tokenizer)
+    if stops and getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
 
 
 def load_teacher(ref: str, dtype: str = "float32") -> PreTrainedModel:
@@ -503,11 +535,11 @@ def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedMode
 
         # A run keeps the adapters alone in adapter/; a checkpoint holds the Trainer's whole-model save.
         weights = run.adapter if run.adapter.is_dir() else run.model
-        return load_adapters(load_base_model(recipe), recipe.method, weights), tokenizer
+        return load_adapters(load_base_model(recipe, tokenizer=tokenizer), recipe.method, weights), tokenizer
     if run.adapter.is_dir():
         from peft import PeftModel
 
-        base = load_base_model(recipe)
+        base = load_base_model(recipe, tokenizer=tokenizer)
         if recipe.method.name == "qlora" and dequantize:
             base = base.dequantize()
         return PeftModel.from_pretrained(base, run.adapter), tokenizer

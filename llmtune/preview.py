@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.artifacts import RECIPE_FILE, is_run_dir, open_run
-from llmtune.data import IGNORE_INDEX, encode_dataset, split_samples
+from llmtune.data import IGNORE_INDEX, encode_dataset, prepare_tokenizer, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_tokenizer
 from llmtune.recipe import Recipe, load_recipe
+from llmtune.templates import stop_token_ids, stop_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -58,6 +59,7 @@ def preview_data(target: str | Path, n: int = 3, overrides: list[str] | None = N
     recipe = load_recipe(run.file(RECIPE_FILE) if run else target, overrides)
     reference = recipe.tokenizer or recipe.model
     tokenizer = load_tokenizer(reference)
+    prepare_tokenizer(recipe, tokenizer)
     # With data.chat_template off, neither training nor inference renders a template: nothing to compare.
     if run is not None and recipe.data.chat_template:
         saved = load_tokenizer(str(run.tokenizer)).chat_template
@@ -127,25 +129,27 @@ def check_labels(
     source: str,
     truncated_length: int | None = None,
 ) -> None:
-    """Raise when a row has every label masked, or when EOS is not among a row's loss tokens.
+    """Raise when a row has every label masked, or when no stop token (EOS, the template's end of turn) is among
+    a row's loss tokens.
 
     Args:
         rows: (input_ids, labels) of each training row.
         truncated_length: rows of this length may have lost their EOS to truncation and are not checked for it.
     """
-    eos_id = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
     without_eos = []
     for i, (ids, labels) in enumerate(rows, 1):
         if all(t == IGNORE_INDEX for t in labels):
             raise LLMTuneError(
                 f"{source}: training row {i} {_snippet(tokenizer, ids)} has every label masked, so it teaches nothing"
             )
-        if eos_id not in labels and len(ids) != truncated_length:
+        if not any(t in labels for t in stops) and len(ids) != truncated_length:
             without_eos.append(i)
     if without_eos:
         first = without_eos[0]
         raise LLMTuneError(
-            f"{source}: EOS {tokenizer.eos_token!r} (id {eos_id}) carries no loss in {len(without_eos)} of {len(rows)} "
+            f"{source}: no stop token ({' / '.join(map(repr, stop_tokens(tokenizer)))}, as one token of the "
+            f"vocabulary) carries loss in {len(without_eos)} of {len(rows)} "
             f"training rows (first: row {first} {_snippet(tokenizer, rows[first - 1][0])}), so the tuned model would "
             "not learn to stop; check the tokenizer's eos_token against its chat template"
         )

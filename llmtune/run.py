@@ -15,6 +15,7 @@ from typing import Any
 
 from llmtune import accel, artifacts
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, complete_checkpoints
+from llmtune.data import prepare_tokenizer
 from llmtune.errors import LLMTuneError
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer, parameter_counts
@@ -22,6 +23,7 @@ from llmtune.objectives import OBJECTIVES, prepare_data
 from llmtune.objectives.base import check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
+from llmtune.templates import TEMPLATES
 from llmtune.training import (
     LogAtSaveCallback,
     SaveAtEndCallback,
@@ -63,15 +65,17 @@ def finetune(
 
     # 2. Data, tokenized and masked the way the objective trains on it.
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
+    added = prepare_tokenizer(recipe, tokenizer)
+    _check_new_tokens(recipe, added)
     data = prepare_data(recipe, tokenizer)
 
-    # 3. Model and tuning method.
-    model = _build_model(recipe, tokenizer)
+    # 3. Model and tuning method; tokens the chat template added get embedding rows that train.
+    model = _build_model(recipe, tokenizer, added)
 
     # 4. Speed plan: every speed and precision lever decided for this device.
     plan = accel.resolve(recipe, accel.current_device(), model, data.train)
     if main:
-        _print_start(recipe, data, model, plan)
+        _print_start(recipe, data, model, plan, added)
         _write_run_dir(out, recipe, data, plan, checkpoint, overwrite)
     run = RunDir(out)
 
@@ -108,17 +112,35 @@ def finetune(
     return FinetuneResult(run=run, metrics=metrics)
 
 
-def _build_model(recipe: Recipe, tokenizer: Any) -> Any:
+def _check_new_tokens(recipe: Recipe, added: list[str]) -> None:
+    if added and not recipe.method.trains_new_tokens:
+        raise LLMTuneError(
+            f"data.chat_template {recipe.data.chat_template!r} needs tokens the tokenizer lacks "
+            f"({', '.join(added)}), whose new embedding rows must train, and method {recipe.method.name} cannot "
+            f"train them: use lora, qlora, dora or full, or a template written in plain text "
+            f"({', '.join(n for n, t in TEMPLATES.items() if not t.tokens)})"
+        )
+
+
+def _build_model(recipe: Recipe, tokenizer: Any, added: list[str]) -> Any:
     from transformers import set_seed
 
+    method = recipe.method
     set_seed(recipe.training.seed)
-    model = load_base_model(recipe)
+    model = load_base_model(recipe, tokenizer=tokenizer)
     task_type = PEFT_TASK_TYPES[recipe.objective.model_kind]
-    return METHODS[recipe.method.name](recipe.method, model, tokenizer, task_type=task_type)
+    new_tokens = {"new_tokens": tokenizer.convert_tokens_to_ids(added)} if added and method.saves_adapter else {}
+    return METHODS[method.name](method, model, tokenizer, task_type=task_type, **new_tokens)
 
 
-def _print_start(recipe: Recipe, data: Any, model: Any, plan: accel.SpeedPlan) -> None:
+def _print_start(recipe: Recipe, data: Any, model: Any, plan: accel.SpeedPlan, added: list[str]) -> None:
     _print_data_report(data.report, recipe.data.max_length)
+    if added:
+        print(
+            f"chat template {recipe.data.chat_template!r}: added {len(added)} special tokens the tokenizer lacked "
+            f"({', '.join(added)}); their embedding rows start at the mean row and train",
+            flush=True,
+        )
     counts = parameter_counts(model)
     print(
         f"method {recipe.method.name}: training {counts['trainable']:,} of {counts['total']:,} parameters "

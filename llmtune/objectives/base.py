@@ -121,7 +121,9 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
     return trainer
 
 
-def _reference_model(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel | None:
+def _reference_model(
+    recipe: Recipe, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel | None:
     """The frozen reference policy: None for an adapter (TRL switches the adapter off, no second copy);
     otherwise a second copy of the base model, loaded the way the policy was (also for tiny: and builtin: models,
     which TRL could not reload by name)."""
@@ -131,7 +133,7 @@ def _reference_model(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel 
 
     if isinstance(model, PeftModel):
         return None
-    reference = load_base_model(recipe)
+    reference = load_base_model(recipe, tokenizer=tokenizer)
     reference.requires_grad_(False)
     return reference.eval()
 

@@ -95,7 +95,7 @@ def build_dpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Tr
         loss_type=[objective.loss_type],
         max_length=None,  # data.py has cut every pair to data.max_length
     )
-    reference = _reference_model(recipe, model)
+    reference = _reference_model(recipe, model, tokenizer)
     return _trainer(DPOTrainer, args, recipe, model, tokenizer, data, output_dir, callbacks, ref_model=reference)
 
 
@@ -139,7 +139,7 @@ def build_kto(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Tr
     unpaired = replace(
         data, train=_unpaired(data.train, seed), eval=_unpaired(data.eval, seed) if data.eval is not None else None
     )
-    reference = _reference_model(recipe, model)
+    reference = _reference_model(recipe, model, tokenizer)
     return _trainer(KTOTrainer, args, recipe, model, tokenizer, unpaired, output_dir, callbacks, ref_model=reference)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmtune.recipe.common import Spec
+from llmtune.templates import check_choice
 
 # A data reference with one of these suffixes, or that starts with ./ ../ or /, is a local file and must exist;
 # anything else is taken as a dataset name on the Hugging Face Hub.
@@ -23,7 +24,12 @@ class DataSpec(Spec):
     columns: dict[str, str] = Field(
         default_factory=dict, description="map our column names to yours, e.g. {messages: conversations}"
     )
-    chat_template: bool = Field(True, description="apply the tokenizer's chat template (not for format: text)")
+    chat_template: bool | str = Field(
+        True,
+        description="true: the tokenizer's own template; a registry name (chatml, llama3, llama2, mistral, gemma, "
+        "phi3, zephyr, alpaca, vicuna) for a base model that has none; a Jinja string or .jinja file; false: the "
+        "turns as plain text, each response ended by EOS (not for format: text)",
+    )
     system_prompt: str | None = Field(None, description="system message put before every conversation")
     max_length: int = Field(512, gt=0, description="tokens per row")
     overflow: Literal["truncate", "drop"] = Field("truncate", description="what to do with rows over max_length")
@@ -32,6 +38,12 @@ class DataSpec(Spec):
         description="pack rows into max_length sequences with no padding; attention never crosses rows "
         "(position ids restart per row)",
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: bool | str) -> bool | str:
+        check_choice(value)
+        return value
 
 
 def is_local_data_ref(ref: str) -> bool:

@@ -16,6 +16,7 @@ from llmtune.recipe.common import models_in, spec_name
 from llmtune.recipe.data import is_local_data_ref
 from llmtune.recipe.schema import Recipe
 from llmtune.recipe.speed import SpeedSpec
+from llmtune.templates import is_jinja
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -116,6 +117,12 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             updates[field] = str(local.resolve())
         elif is_local_data_ref(ref):
             raise LLMTuneError(f"{base / ref}: data.{field} file not found (paths are relative to the recipe file)")
+    template = data.chat_template
+    if isinstance(template, str) and template.endswith(".jinja") and not is_jinja(template):
+        local = (base / template).expanduser()
+        if not local.is_file():
+            raise LLMTuneError(f"{local}: data.chat_template file not found (paths are relative to the recipe file)")
+        updates["chat_template"] = str(local.resolve())
     training = recipe.training
     if training.deepspeed is not None:
         config = base / training.deepspeed

@@ -20,12 +20,15 @@ class _MethodOptions(Spec):
     virtual_tokens: ClassVar[bool] = False
     # The run neither saves nor reads its frozen weights, which may then be stored in bf16 (speed.frozen_bf16).
     frozen_weights_unused: ClassVar[bool] = False
+    # Can train the embedding rows of tokens a chat template adds (LoRA through peft's trainable tokens).
+    trains_new_tokens: ClassVar[bool] = False
 
 
 class _LoraOptions(_MethodOptions):
     saves_adapter: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     frozen_weights_unused: ClassVar[bool] = True
+    trains_new_tokens: ClassVar[bool] = True
 
     r: int = Field(8, gt=0, description="rank of the update; higher = more capacity, more memory")
     alpha: float = Field(16.0, gt=0, description="scale of the update is alpha / r (alpha / sqrt(r) with rsLoRA)")
@@ -176,6 +179,7 @@ class LayersSpec(_MethodOptions):
 
 class FullSpec(_MethodOptions):
     name: Literal["full"]
+    trains_new_tokens: ClassVar[bool] = True
 
 
 MethodSpec = Annotated[

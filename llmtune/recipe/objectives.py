@@ -28,8 +28,10 @@ class _ObjectiveOptions(Spec):
 class SFTSpec(_ObjectiveOptions):
     name: Literal["sft"]
     token_loss: ClassVar[bool] = True
-    loss_on: Literal["response", "all"] = Field(
-        "response", description="'response': assistant turns / completions only; 'all': every token"
+    loss_on: Literal["response", "last_turn", "all"] = Field(
+        "response",
+        description="'response': every assistant turn / completion (except messages marked train: false); "
+        "'last_turn': the last assistant turn only; 'all': every token",
     )
 
 
@@ -192,8 +194,9 @@ class DistillSpec(_ObjectiveOptions):
         description="jsd only: weight of the teacher in the mixture M = beta * teacher + (1 - beta) * student "
         "(TRL's generalised JSD; default 0.5)",
     )
-    loss_on: Literal["response", "all"] = Field(
-        "response", description="tokens that carry both losses: 'response' (completions) or 'all'"
+    loss_on: Literal["response", "last_turn", "all"] = Field(
+        "response",
+        description="tokens that carry both losses: 'response' (completions), 'last_turn' (the last one) or 'all'",
     )
     student: StudentSpec | None = Field(
         None, description="null: the recipe's model + method is the student; or {from_teacher: every_other_layer}"

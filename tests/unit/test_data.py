@@ -207,11 +207,6 @@ def test_without_chat_template_text_is_concatenated(tok, system_prompt):
     assert_prompt_matches_training(sample, tok)
 
 
-def test_chat_format_needs_the_chat_template():
-    with expect_error("f: row 1", "chat_template: true"):
-        to_sample({"messages": convo("Q", "A")}, spec(chat_template=False), "f: row 1")
-
-
 # --- loading files -------------------------------------------------------------------------------
 
 INSTRUCTION_ROWS = [

@@ -542,6 +542,6 @@ def test_compare_base_of_virtual_tokens_is_the_untouched_base(method, one_torch_
                 p.add_(torch.randn_like(p))
     prompts = [tokenizer("3 July 1999 ->")["input_ids"], tokenizer("24 Nov 1968 ->")["input_ids"]]
     base = generate_texts(load_model("tiny:llama"), tokenizer, prompts, max_new_tokens=6, batch_size=2)
-    with _base_of(model, None) as shown_as_base:
+    with _base_of(model, None, tokenizer) as shown_as_base:
         assert generate_texts(shown_as_base, tokenizer, prompts, max_new_tokens=6, batch_size=2) == base
     assert generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2) != base
