@@ -295,6 +295,10 @@ def _save_weights(run: RunDir, model: Any, recipe: Recipe) -> None:
             from llmtune.bottleneck import save_adapters
 
             save_adapters(model, staging, recipe.method)
+        elif recipe.method.saves_adapter:
+            # Rows a chat template added are saved as trainable tokens; the grown base is rebuilt from its
+            # deterministic mean-row start (models.fit_vocabulary), so the whole embedding matrix stays out.
+            model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
         else:
             model.save_pretrained(staging, safe_serialization=True)
 

@@ -642,3 +642,49 @@ def write_base_checkpoint(directory: Path, tied: bool = False) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+KEYWORD_ANSWERS = {"red": "apple", "green": "leaf", "blue": "sky", "gold": "coin"}
+KEYWORD_FILLER = "the a of and to in is it on at".split()
+
+
+def keyword_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Three filler words then a colour; the answer is the colour's word: a tiny random model learns it in tens of
+    steps once its head trains, and cannot answer it untrained."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        key = rng.choice(sorted(KEYWORD_ANSWERS))
+        question = " ".join([*rng.sample(KEYWORD_FILLER, 3), key])
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": KEYWORD_ANSWERS[key]},
+                ]
+            }
+        )
+    return rows
+
+
+def write_base_recipe(root: Path, name: str = "base", chat_template: str = "chatml", **sections: Any) -> Path:
+    """A recipe for a base checkpoint (write_base_checkpoint) trained on keyword_rows with a named template."""
+    write_base_checkpoint(root / "base-model", tied=sections.pop("tied", False))
+    write_jsonl(root / "data" / "train.jsonl", keyword_rows(128, seed=0))
+    write_jsonl(root / "data" / "eval.jsonl", keyword_rows(16, seed=1))
+    recipe: dict[str, Any] = {
+        "model": "base-model",
+        # The random model's head must learn the answers' bytes: it trains whole, the new token rows beside it.
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "modules_to_save": ["lm_head"]},
+        "data": {
+            "train": "data/train.jsonl",
+            "eval": "data/eval.jsonl",
+            "max_length": 64,
+            "chat_template": chat_template,
+        },
+        "training": tiny_training(),
+        "eval": {"max_new_tokens": 8, "batch_size": 8},
+        "output": {"dir": str(root / "runs" / name)},
+        **sections,
+    }
+    return save_recipe(root, name, recipe)

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "reference.md"
 RESULTS = "results.md"
 MATRIX_MARK = "<!-- compat-matrix -->"
+TEMPLATES_MARK = "<!-- chat-templates -->"
 MATRIX_START, MATRIX_END = "<!-- compat-matrix:start -->", "<!-- compat-matrix:end -->"
 
 
@@ -37,11 +38,24 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
+    if TEMPLATES_MARK in markdown:
+        markdown = markdown.replace(TEMPLATES_MARK, render_templates())
     if MATRIX_MARK not in markdown:
         return markdown
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     matrix = readme.split(MATRIX_START, 1)[1].split(MATRIX_END, 1)[0].strip("\n")
     return markdown.replace(MATRIX_MARK, matrix)
+
+
+def render_templates() -> str:
+    """The chat-template registry as a table, from llmtune.templates.TEMPLATES itself."""
+    from llmtune.templates import TEMPLATES
+
+    lines = ["| name | used by | tokens added when missing | notes |", "|---|---|---|---|"]
+    for t in TEMPLATES.values():
+        tokens = ", ".join(f"`{token}`" for token in t.tokens) or "none (plain text)"
+        lines.append(f"| `{t.name}` | {t.used_by} | {tokens} | {t.note} |")
+    return "\n".join(lines)
 
 
 def render_reference(recipe: type) -> str:
