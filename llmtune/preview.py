@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from llmtune.artifacts import RECIPE_FILE, is_run_dir, open_run
 from llmtune.data import IGNORE_INDEX, encode_dataset, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.models import load_tokenizer
+from llmtune.models import load_recipe_tokenizer, load_tokenizer
 from llmtune.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def preview_data(target: str | Path, n: int = 3, overrides: list[str] | None = N
     run = open_run(target) if is_run_dir(target) else None
     recipe = load_recipe(run.file(RECIPE_FILE) if run else target, overrides)
     reference = recipe.tokenizer or recipe.model
-    tokenizer = load_tokenizer(reference)
+    tokenizer = load_recipe_tokenizer(recipe)
     # With data.chat_template off, neither training nor inference renders a template: nothing to compare.
     if run is not None and recipe.data.chat_template:
         saved = load_tokenizer(str(run.tokenizer)).chat_template
