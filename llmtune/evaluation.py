@@ -17,7 +17,16 @@ from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.batching import padded_batches
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, prepare_tokenizer, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.models import checkpoint_kind, load_base_model, load_model, load_teacher, load_tokenizer, load_tuned
+from llmtune.models import (
+    checkpoint_kind,
+    load_base_model,
+    load_model,
+    load_recipe_tokenizer,
+    load_teacher,
+    load_tokenizer,
+    load_tuned,
+    options_for,
+)
 from llmtune.recipe import DistillSpec, Recipe, load_recipe
 from llmtune.report import write_run_report
 from llmtune.templates import stop_token_ids
@@ -58,7 +67,7 @@ def evaluate(
         if path.is_dir():
             artifacts.open_run(path)  # says why this directory is not a run
         recipe = load_recipe(path, overrides)
-        tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
+        tokenizer = load_recipe_tokenizer(recipe)
         prepare_tokenizer(recipe, tokenizer)
         torch.manual_seed(recipe.training.seed)
         model = on_device(load_base_model(recipe, quantized=False, tokenizer=tokenizer))
@@ -99,7 +108,8 @@ def evaluate(
 def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
     if not isinstance(recipe.objective, DistillSpec):
         return None
-    return on_device(load_teacher(recipe.objective.teacher, recipe.training.dtype))
+    teacher = recipe.objective.teacher
+    return on_device(load_teacher(teacher, recipe.training.dtype, options_for(recipe, teacher)))
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ class MergeResult:
 
 def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite: bool = False) -> MergeResult:
     run = open_run(run_path)
-    spec = run.recipe().method
+    recipe = run.recipe()
+    spec = recipe.method
     method = spec.name
     if method == "adapter":
         raise LLMTuneError(
@@ -81,9 +82,11 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         metrics, evaluation = read_json(run.file(artifacts.METRICS_FILE)), read_json(run.file(artifacts.EVAL_FILE))
-        (staging / MODEL_CARD_FILE).write_text(model_card(run.recipe(), metrics, evaluation, merged=True))
+        (staging / MODEL_CARD_FILE).write_text(model_card(recipe, metrics, evaluation, merged=True))
         # Reload exactly as a user would, with plain transformers and no peft.
-        reloaded = auto_class(run.recipe().objective.model_kind).from_pretrained(staging, dtype=merged.dtype)
+        reloaded = auto_class(recipe.objective.model_kind).from_pretrained(
+            staging, dtype=merged.dtype, trust_remote_code=recipe.model_options.trust_remote_code
+        )
         reloaded.to(merged.device)  # compared on one device: GPU and CPU kernels round bf16 differently
         with torch.no_grad():
             reload_diff = (_logits(reloaded, probes) - merged_logits).abs().max().item()

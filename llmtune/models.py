@@ -5,15 +5,23 @@ A reference is one of:
   to a plain Hugging Face checkpoint under `LLMTUNE_HOME` (default `~/.cache/llmtune`);
 - `tiny:ARCH`: a small random model built in-process, identical on every call (tests, dry runs);
 - a local directory with a Hugging Face checkpoint;
+- a local `.gguf` file (llama.cpp's format), converted once to a plain checkpoint under
+  `LLMTUNE_HOME/gguf/<sha256 of the file>`, its tokenizer read from the file too;
 - a Hugging Face Hub id.
+
+A recipe's `model_options` (trust_remote_code, revision, attn_implementation) reach every load of its models.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +30,8 @@ from urllib.parse import urlparse
 
 from llmtune.artifacts import make_readable
 from llmtune.errors import LLMTuneError, first_line
+from llmtune.recipe.models import ModelOptionsSpec, is_gguf_ref
+from llmtune.templates import stop_token_ids, template_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +76,8 @@ def resolve_checkpoint(ref: str) -> str:
     if ref.startswith("tiny:"):
         raise ValueError("tiny models have no checkpoint; use load_model")
     path = Path(ref).expanduser()
+    if is_gguf_ref(ref):
+        return str(_gguf_checkpoint(path, ref))
     if path.is_dir():
         return str(path)
     if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1:
@@ -73,7 +85,7 @@ def resolve_checkpoint(ref: str) -> str:
     return ref
 
 
-def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(ref: str, options: ModelOptionsSpec | None = None) -> PreTrainedTokenizerBase:
     if ref.startswith("tiny:"):
         return _tiny(ref).tokenizer()
     from transformers import AutoTokenizer
@@ -83,7 +95,7 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     if is_run_dir(Path(ref).expanduser()):
         return AutoTokenizer.from_pretrained(RunDir(Path(ref).expanduser()).tokenizer)
 
-    tokenizer = _from_hub_or_disk(AutoTokenizer.from_pretrained, resolve_checkpoint(ref), ref)
+    tokenizer = _from_hub_or_disk(AutoTokenizer.from_pretrained, resolve_checkpoint(ref), ref, options)
     if tokenizer.pad_token is None:
         # Padding positions never carry loss (labels are padded with -100), so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -109,31 +121,69 @@ def load_model(
     dtype: str = "float32",
     quantization: QLoraSpec | None = None,
     kind: str = "causal-lm",
+    options: ModelOptionsSpec | None = None,
     **config: Any,
 ) -> PreTrainedModel:
     """Load a model in `dtype`; with `quantization` (a qlora method spec) its linear layers are 4- or 8-bit.
 
     Args:
         kind: a key of AUTO_CLASSES; which head the model gets.
+        options: the recipe's model_options (its `options_for` this reference).
         config: config attributes for a new head, e.g. num_labels and id2label for sequence classification.
     """
     import torch
 
+    from llmtune.accel.device import check_4bit_layers, check_attention, current_device
+
+    options = options or ModelOptionsSpec()
+    device = current_device()
+    check_attention(options.attn_implementation, device)
     torch_dtype = getattr(torch, dtype)
-    kwargs = {"dtype": torch_dtype, **config}
+    kwargs = {"dtype": torch_dtype, **_attention(options), **config}
     if quantization is not None:
         torch_dtype = getattr(torch, quantization.compute_dtype)
         kwargs.update(dtype=torch_dtype, quantization_config=_bnb_config(quantization))
     loader = auto_class(kind).from_pretrained
     if ref.startswith("tiny:"):
-        model = _tiny(ref).model(kind, **config).to(torch_dtype)
+        model = _tiny(ref).model(kind, **_attention(options), **config).to(torch_dtype)
         if quantization is None:
             return model
         # bitsandbytes quantizes while loading weights, so give the in-process model a checkpoint to load from.
         with tempfile.TemporaryDirectory() as tmp:
             _write_checkpoint(model, Path(tmp))
-            return _from_hub_or_disk(loader, tmp, ref, **kwargs)
-    return _from_hub_or_disk(loader, resolve_checkpoint(ref), ref, **kwargs)
+            model = _from_hub_or_disk(loader, tmp, ref, options, **kwargs)
+    else:
+        model = _from_hub_or_disk(loader, resolve_checkpoint(ref), ref, options, **kwargs)
+    if quantization is not None:
+        # Training would run, and the evaluation at its end fail; better to say so before the first step.
+        check_4bit_layers(model, device, ref)
+    return model
+
+
+def options_for(recipe: Recipe, ref: str) -> ModelOptionsSpec:
+    """The recipe's model_options for one of the references it names: `revision` is a commit of `model`'s
+    repository, so another reference (a separate tokenizer, a teacher) is read from its default branch."""
+    options = recipe.model_options
+    if ref == recipe.model or options.revision is None:
+        return options
+    return options.model_copy(update={"revision": None})
+
+
+def _pretrained_kwargs(options: ModelOptionsSpec | None) -> dict[str, Any]:
+    """What `from_pretrained` of a model or a tokenizer takes from model_options (attention aside)."""
+    options = options or ModelOptionsSpec()
+    # Passed even when false: left unset, transformers asks on a terminal whether to run a repository's code.
+    kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+    if options.revision is not None:
+        kwargs["revision"] = options.revision
+    return kwargs
+
+
+def _attention(options: ModelOptionsSpec) -> dict[str, str]:
+    """The attention implementation to ask transformers for; none for auto, its default for the model."""
+    if options.attn_implementation == "auto":
+        return {}
+    return {"attn_implementation": options.attn_implementation}
 
 
 def _write_checkpoint(model: PreTrainedModel, directory: Path) -> None:
@@ -147,7 +197,7 @@ def _write_checkpoint(model: PreTrainedModel, directory: Path) -> None:
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def checkpoint_kind(ref: str) -> str:
+def checkpoint_kind(ref: str, options: ModelOptionsSpec | None = None) -> str:
     """'seq2seq-lm' for an encoder-decoder checkpoint (a merged T5, say), else 'causal-lm'."""
     if ref.startswith("tiny:"):
         tiny = _tiny(ref)
@@ -156,7 +206,7 @@ def checkpoint_kind(ref: str) -> str:
     else:
         from transformers import AutoConfig
 
-        config = _from_hub_or_disk(AutoConfig.from_pretrained, resolve_checkpoint(ref), ref)
+        config = _from_hub_or_disk(AutoConfig.from_pretrained, resolve_checkpoint(ref), ref, options)
     return "seq2seq-lm" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
 
 
@@ -173,32 +223,45 @@ def load_base_model(
     objective = recipe.objective
     student = getattr(objective, "student", None)
     if student is not None:
-        model = build_student(load_teacher(objective.teacher, recipe.training.dtype), student.from_teacher)
+        teacher = load_teacher(objective.teacher, recipe.training.dtype, options_for(recipe, objective.teacher))
+        model = build_student(teacher, student.from_teacher)
     else:
         model = load_model(
-            recipe.model, recipe.training.dtype, quantization, objective.model_kind, **objective.head_config()
+            recipe.model,
+            recipe.training.dtype,
+            quantization,
+            objective.model_kind,
+            recipe.model_options,
+            **objective.head_config(),
         )
     if objective.model_kind == "sequence-classification" and model.config.pad_token_id is None:
         # A decoder classifier pools its last non-padding token, so it must know which token is padding.
-        model.config.pad_token_id = load_tokenizer(recipe.tokenizer or recipe.model).pad_token_id
+        model.config.pad_token_id = load_recipe_tokenizer(recipe).pad_token_id
     if tokenizer is not None:
-        fit_vocabulary(model, tokenizer)
+        fit_vocabulary(model, tokenizer, template_tokens(tokenizer, recipe.data.chat_template))
     return model
 
 
-def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Grow the embeddings to the tokenizer's added tokens and stop generation at its end of turn.
+def load_recipe_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The tokenizer a recipe trains with: its `tokenizer`, else its model's."""
+    ref = recipe.tokenizer or recipe.model
+    return load_tokenizer(ref, options_for(recipe, ref))
+
+
+def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: tuple[str, ...]) -> None:
+    """Grow the embeddings to cover `tokens` (those a chat template added) and stop generation at the template's
+    end of turn.
 
     New rows start at the mean of the pretrained rows (and the output head's likewise): a deterministic start,
     so the base that eval and merge rebuild from a run directory is the one training started from.
     """
     import torch
 
-    from llmtune.templates import stop_token_ids
-
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    vocab = tokenizer.get_vocab()
+    needed = max((vocab[t] + 1 for t in tokens if t in vocab), default=0)
+    if needed > rows:
+        model.resize_token_embeddings(needed, mean_resizing=False)
         with torch.no_grad():
             for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if layer is not None:
@@ -208,8 +271,9 @@ def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
 
 
-def load_teacher(ref: str, dtype: str = "float32") -> PreTrainedModel:
-    """A frozen model in eval mode: any model reference, or a run directory whose tuned model is merged."""
+def load_teacher(ref: str, dtype: str = "float32", options: ModelOptionsSpec | None = None) -> PreTrainedModel:
+    """A frozen model in eval mode: any model reference, or a run directory whose tuned model is merged (read
+    with the model_options of the recipe it was trained with)."""
     from llmtune.artifacts import is_run_dir
 
     path = Path(ref).expanduser()
@@ -219,7 +283,7 @@ def load_teacher(ref: str, dtype: str = "float32") -> PreTrainedModel:
             # A plain model runs faster than base + adapter, and the teacher never trains.
             model = model.merge_and_unload()
     else:
-        model = load_model(ref, dtype)
+        model = load_model(ref, dtype, options=options)
     model.requires_grad_(False)
     return model.eval()
 
@@ -288,16 +352,21 @@ def _bnb_config(spec: QLoraSpec):
     )
 
 
-def _from_hub_or_disk(loader, checkpoint: str, ref: str, **kwargs):
+def _from_hub_or_disk(loader, checkpoint: str, ref: str, options: ModelOptionsSpec | None = None, **kwargs):
+    kwargs = {**_pretrained_kwargs(options), **kwargs}
     if Path(checkpoint).is_dir():
+        _check_custom_code(Path(checkpoint), ref, kwargs["trust_remote_code"])
         try:
             return loader(checkpoint, **kwargs)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:  # ImportError: an attention kernel's package is missing
             raise LLMTuneError(f"model {ref!r}: cannot load {checkpoint}: {first_line(e)}") from None
     try:
         return loader(checkpoint, local_files_only=True, **kwargs)
     except OSError:
         pass
+    except ValueError as e:
+        _raise_for_custom_code(e, ref)
+        raise
     # Without this probe an unreachable hub costs a minute of HTTP retries before the same failure.
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
         raise LLMTuneError(
@@ -308,6 +377,41 @@ def _from_hub_or_disk(loader, checkpoint: str, ref: str, **kwargs):
         return loader(checkpoint, **kwargs)
     except OSError as e:
         raise LLMTuneError(f"model {ref!r}: {first_line(e)}; {ALTERNATIVES}") from None
+    except ValueError as e:
+        _raise_for_custom_code(e, ref)
+        raise
+
+
+TRUST_REMOTE_CODE = "set model_options.trust_remote_code: true if you trust its code (it runs with your permissions)"
+
+
+def _check_custom_code(directory: Path, ref: str, trusted: bool) -> None:
+    """Refuse a checkpoint whose architecture exists only as Python code shipped with it, unless trusted.
+
+    Read from config.json before transformers sees the directory: it would ask on a terminal, or raise a message of
+    several lines. A model_type transformers has is loaded with transformers' own code, `auto_map` or not, so only
+    an unknown one needs the trust."""
+    if trusted:
+        return
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no config (a tokenizer directory) or a broken one, which transformers reports
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if isinstance(config, dict) and "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise LLMTuneError(
+            f"model {ref!r}: {directory / 'config.json'} names custom code (auto_map) for model_type "
+            f"{config.get('model_type')!r}, which transformers does not have; {TRUST_REMOTE_CODE}"
+        )
+
+
+def _raise_for_custom_code(error: ValueError, ref: str) -> None:
+    """transformers' refusal of a hub repository's code, given trust_remote_code=False, as one line."""
+    if "trust_remote_code" in str(error):
+        raise LLMTuneError(
+            f"model {ref!r}: the repository ships custom code for its model; {TRUST_REMOTE_CODE}"
+        ) from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -334,17 +438,53 @@ def _builtin_checkpoint(name: str) -> Path:
     source = Path(found.submodule_search_locations[0])
     if spec.subdir is not None:
         return source / spec.subdir
-    _convert_gguf(source, spec.gguf_file, target)
+    _convert_gguf(source / spec.gguf_file, target, f"builtin:{name}")
     return target
 
 
-def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
+def _gguf_checkpoint(path: Path, ref: str) -> Path:
+    """The plain checkpoint of a local GGUF file, converted on first use. Keyed by the file's content, so a file
+    changed in place is converted again and copies of one file share a conversion."""
+    if not path.is_file():
+        raise LLMTuneError(f"model {ref!r}: GGUF file not found")
+    stat = path.stat()
+    target = llmtune_home() / "gguf" / _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if not (target / "config.json").is_file():
+        _convert_gguf(path, target, ref)
+    return target
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Remembered per size and modification time: hashing a file of gigabytes takes seconds, and one run resolves
+    its model several times (tokenizer, model, kind)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _gguf_architectures() -> list[str]:
+    """The GGUF architectures transformers converts: its legacy loader's and its newer one's."""
+    from transformers.integrations.gguf import GGUF_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    # The legacy list is the keys of a metadata mapping, two of which are not architectures.
+    return sorted((set(GGUF_SUPPORTED_ARCHITECTURES) | set(GGUF_ARCHS)) - {"general", "tokenizer"})
+
+
+def _convert_gguf(gguf: Path, target: Path, ref: str) -> None:
     """Dequantize a GGUF checkpoint into a plain one: the Trainer refuses to train GGUF-quantized models."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf_file} to a Hugging Face checkpoint in {target} (once)", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    print(f"converting {gguf.name} to a Hugging Face checkpoint in {target} (once)", flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A damaged file fails inside the reader in many ways: a bad header, short reads, arrays of the wrong size.
+    except (ValueError, KeyError, IndexError, struct.error, NotImplementedError) as e:
+        raise LLMTuneError(
+            f"model {ref!r}: cannot convert {gguf}: {first_line(e)}; transformers reads GGUF files of the "
+            f"architectures {', '.join(_gguf_architectures())}"
+        ) from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -402,7 +542,9 @@ class _Tiny:
             chat_template=TINY_CHAT_TEMPLATE,
         )
 
-    def model(self, kind: str = "causal-lm", **overrides: Any) -> PreTrainedModel:
+    def model(
+        self, kind: str = "causal-lm", attn_implementation: str | None = None, **overrides: Any
+    ) -> PreTrainedModel:
         import torch
 
         tok = self.tokenizer()
@@ -413,7 +555,7 @@ class _Tiny:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             try:
-                model = auto_class(kind).from_config(config)
+                model = auto_class(kind).from_config(config, attn_implementation=attn_implementation)
             except ValueError:
                 raise LLMTuneError(
                     f"model 'tiny:{self.arch}' has no {kind} form; "
@@ -528,7 +670,8 @@ def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedMode
 
     run = open_run(Path(run_path))
     recipe = run.recipe()
-    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    options = recipe.model_options
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer, trust_remote_code=options.trust_remote_code)
     kind = recipe.objective.model_kind
     if recipe.method.name == "adapter":
         from llmtune.bottleneck import load_adapters
@@ -545,5 +688,10 @@ def load_tuned(run_path: Path, dequantize: bool = False) -> tuple[PreTrainedMode
         return PeftModel.from_pretrained(base, run.adapter), tokenizer
     import torch
 
-    model = auto_class(kind).from_pretrained(run.model, dtype=getattr(torch, recipe.training.dtype))
+    model = auto_class(kind).from_pretrained(
+        run.model,
+        dtype=getattr(torch, recipe.training.dtype),
+        trust_remote_code=options.trust_remote_code,
+        **_attention(options),
+    )
     return model, tokenizer

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from llmtune.artifacts import RECIPE_FILE, is_run_dir, open_run
 from llmtune.data import IGNORE_INDEX, encode_dataset, prepare_tokenizer, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.models import load_tokenizer
+from llmtune.models import load_recipe_tokenizer, load_tokenizer
 from llmtune.recipe import Recipe, load_recipe
 from llmtune.templates import stop_token_ids, stop_tokens
 
@@ -58,7 +58,7 @@ def preview_data(target: str | Path, n: int = 3, overrides: list[str] | None = N
     run = open_run(target) if is_run_dir(target) else None
     recipe = load_recipe(run.file(RECIPE_FILE) if run else target, overrides)
     reference = recipe.tokenizer or recipe.model
-    tokenizer = load_tokenizer(reference)
+    tokenizer = load_recipe_tokenizer(recipe)
     prepare_tokenizer(recipe, tokenizer)
     # With data.chat_template off, neither training nor inference renders a template: nothing to compare.
     if run is not None and recipe.data.chat_template:

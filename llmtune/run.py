@@ -18,7 +18,7 @@ from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, comple
 from llmtune.data import prepare_tokenizer
 from llmtune.errors import LLMTuneError
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
-from llmtune.models import load_base_model, load_tokenizer, parameter_counts
+from llmtune.models import load_base_model, load_recipe_tokenizer, parameter_counts
 from llmtune.objectives import OBJECTIVES, prepare_data
 from llmtune.objectives.base import check_engines
 from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
@@ -64,7 +64,7 @@ def finetune(
         artifacts.check_run_dir_free(out, overwrite)
 
     # 2. Data, tokenized and masked the way the objective trains on it.
-    tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)
+    tokenizer = load_recipe_tokenizer(recipe)
     added = prepare_tokenizer(recipe, tokenizer)
     _check_new_tokens(recipe, added)
     data = prepare_data(recipe, tokenizer)

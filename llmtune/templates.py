@@ -175,17 +175,24 @@ def apply_template(tokenizer: PreTrainedTokenizerBase, choice: bool | str) -> li
         tokenizer.chat_template = PLAIN_TEMPLATE
         return []
     if choice in TEMPLATES:
-        template = TEMPLATES[choice]
-        jinja, needed = template.jinja, template.tokens
+        tokenizer.chat_template = TEMPLATES[choice].jinja
     else:
-        jinja = _read_jinja(choice) if not is_jinja(choice) else choice
-        needed = tuple(dict.fromkeys(_SPECIAL_TOKEN.findall(jinja)))
-    tokenizer.chat_template = jinja
+        tokenizer.chat_template = choice if is_jinja(choice) else _read_jinja(choice)
     vocab = tokenizer.get_vocab()
-    missing = [t for t in needed if t not in vocab]
+    missing = [t for t in template_tokens(tokenizer, choice) if t not in vocab]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return missing
+
+
+def template_tokens(tokenizer: PreTrainedTokenizerBase, choice: bool | str) -> tuple[str, ...]:
+    """The special tokens a recipe's template writes: the registry's list, or the `<|...|>` tokens of a Jinja
+    template (read from the tokenizer, which holds it once applied); none for the tokenizer's own or plain text."""
+    if isinstance(choice, bool):
+        return ()
+    if choice in TEMPLATES:
+        return TEMPLATES[choice].tokens
+    return tuple(dict.fromkeys(_SPECIAL_TOKEN.findall(tokenizer.chat_template or "")))
 
 
 def missing_template(tokenizer: PreTrainedTokenizerBase) -> LLMTuneError:

@@ -91,8 +91,9 @@ def resolve(recipe: Recipe, device: Device, model: nn.Module, train: Dataset | N
         # CUDA's fused dropout already keeps a boolean mask.
         compact_dropout=_choose(speed.compact_dropout, not device.gpu),
         # PyTorch's CPU flash-attention kernel is slower in bf16 than in float32 for short rows; CUDA's bf16
-        # kernels are the fast ones.
-        float32_attention=bf16 and _choose(speed.float32_attention, not device.gpu),
+        # kernels are the fast ones. It is a variant of sdpa: a model attending otherwise (model_options.
+        # attn_implementation, or its own default) keeps its attention.
+        float32_attention=bf16 and attends_per_row(model) and _choose(speed.float32_attention, not device.gpu),
     )
 
 

@@ -40,11 +40,12 @@ def build_distill(
     `alpha` mix, so a small Trainer subclass computes the loss, reusing TRL's generalised JSD for the divergence.
     """
 
-    from llmtune.models import check_same_tokenizer, load_teacher, load_tokenizer
+    from llmtune.models import check_same_tokenizer, load_teacher, load_tokenizer, options_for
 
     spec = recipe.objective
-    check_same_tokenizer(tokenizer, load_tokenizer(spec.teacher), spec.teacher)
-    teacher = load_teacher(spec.teacher, recipe.training.dtype)
+    options = options_for(recipe, spec.teacher)
+    check_same_tokenizer(tokenizer, load_tokenizer(spec.teacher, options), spec.teacher)
+    teacher = load_teacher(spec.teacher, recipe.training.dtype, options)
     sizes = (model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
     if sizes[0] != sizes[1]:
         raise LLMTuneError(

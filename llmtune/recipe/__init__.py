@@ -23,6 +23,7 @@ from llmtune.recipe.methods import (
     PTuningSpec,
     QLoraSpec,
 )
+from llmtune.recipe.models import ModelOptionsSpec
 from llmtune.recipe.objectives import OBJECTIVE_SPECS, DistillSpec, GRPOSpec, ObjectiveSpec
 from llmtune.recipe.schema import Recipe
 from llmtune.recipe.speed import SpeedSpec
@@ -44,6 +45,7 @@ __all__ = [
     "LayersSpec",
     "LoraSpec",
     "MethodSpec",
+    "ModelOptionsSpec",
     "ObjectiveSpec",
     "OutputSpec",
     "PTuningSpec",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from llmtune.errors import LLMTuneError, first_line
 from llmtune.recipe.common import models_in, spec_name
 from llmtune.recipe.data import is_local_data_ref
+from llmtune.recipe.models import is_gguf_ref
 from llmtune.recipe.schema import Recipe
 from llmtune.recipe.speed import SpeedSpec
 from llmtune.templates import is_jinja
@@ -129,7 +130,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         if not config.is_file():
             raise LLMTuneError(f"{config}: training.deepspeed file not found (paths are relative to the recipe file)")
         training = training.model_copy(update={"deepspeed": str(config.resolve())})
-    model = _resolve_model_ref(recipe.model, base)
+    model = _resolve_model_ref(recipe.model, base, "model")
     objective = recipe.objective
     if getattr(objective, "reward_model", None) is not None:
         scorer = (base / objective.reward_model).expanduser()
@@ -140,16 +141,25 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             )
         objective = objective.model_copy(update={"reward_model": str(scorer.resolve())})
     if objective.name == "distill":
-        objective = objective.model_copy(update={"teacher": _resolve_model_ref(objective.teacher, base)})
+        teacher = _resolve_model_ref(objective.teacher, base, "objective.teacher")
+        objective = objective.model_copy(update={"teacher": teacher})
     return recipe.model_copy(
         update={"data": data.model_copy(update=updates), "model": model, "training": training, "objective": objective}
     )
 
 
-def _resolve_model_ref(ref: str, base: Path) -> str:
-    """A model directory relative to the recipe file becomes absolute; other references stay as written."""
-    if not ref.startswith(("builtin:", "tiny:")) and (base / ref).is_dir():
-        return str((base / ref).resolve())
+def _resolve_model_ref(ref: str, base: Path, key: str) -> str:
+    """A model directory or GGUF file relative to the recipe file becomes absolute; other references stay as
+    written. A GGUF file must exist."""
+    if ref.startswith(("builtin:", "tiny:")):
+        return ref
+    local = base / Path(ref).expanduser()
+    if is_gguf_ref(ref):
+        if not local.is_file():
+            raise LLMTuneError(f"{local}: {key} GGUF file not found (paths are relative to the recipe file)")
+        return str(local.resolve())
+    if local.is_dir():
+        return str(local.resolve())
     return ref
 
 

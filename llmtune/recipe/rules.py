@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from llmtune.recipe.data import SEQ2SEQ_FORMATS
 from llmtune.recipe.methods import METHOD_SPECS
+from llmtune.recipe.models import SDPA_ATTENTION, is_gguf_ref
 from llmtune.recipe.objectives import OBJECTIVE_SPECS
 
 if TYPE_CHECKING:
@@ -207,6 +208,21 @@ def check_eval_metrics(recipe: Recipe) -> None:
         )
 
 
+def check_model_options(recipe: Recipe) -> None:
+    options = recipe.model_options
+    local = recipe.model.startswith(("builtin:", "tiny:")) or is_gguf_ref(recipe.model)
+    if options.revision is not None and local:
+        raise ValueError(
+            f"model_options.revision: names a branch or commit of a hub repository, and model {recipe.model!r} is "
+            "not read from the hub; remove it"
+        )
+    if recipe.speed.float32_attention is True and options.attn_implementation not in SDPA_ATTENTION:
+        raise ValueError(
+            f"speed.float32_attention: computes attention through sdpa, and model_options.attn_implementation "
+            f"{options.attn_implementation} replaces sdpa; set one of them to auto"
+        )
+
+
 # In the order they are checked: the first that fails is the error the user sees.
 RULES: tuple[Callable[[Recipe], None], ...] = (
     check_preference_data,
@@ -220,4 +236,5 @@ RULES: tuple[Callable[[Recipe], None], ...] = (
     check_speed_under_sharding,
     check_objective_data,
     check_eval_metrics,
+    check_model_options,
 )

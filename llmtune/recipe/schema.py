@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 from llmtune.recipe.common import Spec
 from llmtune.recipe.data import DataSpec
 from llmtune.recipe.methods import MethodSpec
+from llmtune.recipe.models import ModelOptionsSpec
 from llmtune.recipe.objectives import ObjectiveSpec, SFTSpec
 from llmtune.recipe.rules import RULES, resolve_defaults
 from llmtune.recipe.speed import SpeedSpec
@@ -14,8 +15,9 @@ from llmtune.recipe.training import EvalSpec, OutputSpec, TrainingSpec
 
 
 class Recipe(Spec):
-    model: str = Field(description="hub id | local dir | builtin:NAME | tiny:ARCH")
+    model: str = Field(description="hub id | local dir | local .gguf file | builtin:NAME | tiny:ARCH")
     tokenizer: str | None = Field(None, description="tokenizer reference when it differs from the model's")
+    model_options: ModelOptionsSpec = Field(default_factory=ModelOptionsSpec)
     method: MethodSpec
     objective: ObjectiveSpec = Field(default_factory=lambda: SFTSpec(name="sft"))
     data: DataSpec
