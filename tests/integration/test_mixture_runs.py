@@ -1,5 +1,5 @@
 """A mixture trained on tiny:llama: each source counted at the start and in metrics.json, each one fingerprinted in
-the manifest, so a resume after one source changed is refused naming that source."""
+the manifest, so a resume after one source changed is refused naming that source, and accepted while none did."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def test_a_mixture_run_counts_each_source_and_refuses_a_resume_after_one_changed
     assert f"  data.train[1] ({extra}): 8 rows, {train['sources']['data.train[1]']['tokens']:,} tokens" in printed
     fingerprints = manifest(run)["data_sources"]
     assert f"data.train[1] ({extra})" in fingerprints and len(fingerprints) == 3  # both sources and the held-out file
+
+    # The same sources, drawn by the same seed, mix into the same rows again, so the run resumes.
+    finetune(recipe, resume=run / "checkpoint-1")
+    assert manifest(run)["status"] == "completed" and manifest(run)["resumed_from"] == "checkpoint-1"
 
     write_jsonl(extra, chat_rows(16))
     with expect_error(f"the rows of data.train[1] ({extra}) changed since the run started", "--overwrite") as info:
