@@ -14,12 +14,13 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import LLMTuneError, first_line
 from llmtune.recipe import DataSpec, Recipe, is_local_data_ref
+from llmtune.recipe.data import DataSourceSpec
 from llmtune.templates import apply_template, end_of_turn, missing_template
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class PreparedData:
     eval: Dataset | None
     eval_samples: list[Sample]
     report: dict[str, Any] = field(default_factory=dict)
+    # sha256 of each source's rows as loaded, by its label: names the source that changed when a resume is refused.
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -91,6 +94,30 @@ class PreparedData:
                     else:  # prompts and references of objectives that generate
                         digest.update(json.dumps(row, sort_keys=True).encode())
         return digest.hexdigest()
+
+
+@dataclass
+class SourceSamples:
+    """One source's share of the train or held-out split."""
+
+    key: str  # data.train, or data.train[1] in a list
+    label: str  # what errors and reports call it: its path, or `data.train[1] (PATH)` in a list
+    path: str
+    samples: list[Sample]
+    fingerprint: str  # sha256 of every row the source holds, before any is held out or drawn
+
+
+@dataclass
+class Split:
+    """The train or held-out samples, source by source, and the order that interleaves them."""
+
+    parts: list[SourceSamples]
+    order: list[int]  # the index of the part each sample comes from, in mixture order
+    listed: bool  # the recipe gave a list of sources: reports count each one
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [self.parts[i].samples[j] for i, j in interleave(self.order, [len(p.samples) for p in self.parts])]
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -202,7 +229,8 @@ def _load_from_hub(name: str, split: str) -> Sequence[dict[str, Any]]:
 # --- formatting ------------------------------------------------------------------------------------
 
 
-def check_columns(rows: Sequence[dict[str, Any]], spec: DataSpec, source: str) -> None:
+def check_columns(rows: Sequence[dict[str, Any]], spec: DataSpec, source: str, key: str = "data") -> None:
+    """Raise unless the first row has the format's columns; `key` is where the recipe sets format and columns."""
     if len(rows) == 0:
         raise LLMTuneError(f"{source}: the dataset is empty")
     present = set(rows[0].keys())
@@ -212,7 +240,7 @@ def check_columns(rows: Sequence[dict[str, Any]], spec: DataSpec, source: str) -
             mapped = f" (mapped from {canonical!r})" if actual != canonical else ""
             raise LLMTuneError(
                 f"{source}: column {actual!r}{mapped} not found for format {spec.format!r}; columns are "
-                f"{', '.join(sorted(present))}; set data.format or map it with data.columns.{canonical}"
+                f"{', '.join(sorted(present))}; set {key}.format or map it with {key}.columns.{canonical}"
             )
 
 
@@ -354,25 +382,148 @@ def label_index(value: Any, labels: list[str], where: str, column: str) -> int:
 
 
 def load_samples(ref: str, spec: DataSpec, labels: list[str] | None = None) -> list[Sample]:
-    rows = load_rows(ref, spec.split)
-    check_columns(rows, spec, ref)
-    return [to_sample(row, spec, f"{ref}: row {i}", labels) for i, row in enumerate(rows, 1)]
+    return format_rows(load_rows(ref, spec.split), spec, ref, labels)
+
+
+def format_rows(
+    rows: Sequence[dict[str, Any]], spec: DataSpec, source: str, labels: list[str] | None = None, key: str = "data"
+) -> list[Sample]:
+    """Every row formatted as `spec` says; `source` names the data in errors, `key` where its format is set."""
+    check_columns(rows, spec, source, key)
+    return [to_sample(row, spec, f"{source}: row {i}", labels) for i, row in enumerate(rows, 1)]
 
 
 def split_samples(recipe: Recipe) -> tuple[list[Sample], list[Sample]]:
-    """Train and held-out samples, the held-out part drawn by `training.seed` when `data.eval` is absent."""
+    """Train and held-out samples, each in mixture order (see `load_splits`)."""
+    train, held_out = load_splits(recipe)
+    return train.samples, held_out.samples
+
+
+def load_splits(recipe: Recipe) -> tuple[Split, Split]:
+    """Train and held-out samples, source by source, every draw made by `training.seed`.
+
+    Without data.eval, eval_split of each train source is held out first, so every source is evaluated and no
+    held-out row is trained on; the sources' counts and weights then apply to the rows left for training.
+    """
     spec = recipe.data
+    rng = random.Random(recipe.training.seed)
+    train, held_out = [], []
+    for source, part in _load_sources(recipe, "train"):
+        if spec.eval is None:
+            part.samples, held = _hold_out(part.samples, spec.eval_split, rng)
+            held_out.append(SourceSamples(part.key, part.label, part.path, held, part.fingerprint))
+        train.append((source, part))
+    listed = not isinstance(spec.train, str)
+    train_split = _mix(train, spec.mix_stop, rng, listed)
+    if spec.eval is None:
+        return train_split, Split(held_out, _even_order(held_out), listed)
+    return train_split, _mix(_load_sources(recipe, "eval"), spec.mix_stop, rng, not isinstance(spec.eval, str))
+
+
+def _load_sources(recipe: Recipe, key: str) -> list[tuple[DataSourceSpec, SourceSamples]]:
     labels = getattr(recipe.objective, "labels", None)
-    train = load_samples(spec.train, spec, labels)
-    if spec.eval is not None:
-        return train, load_samples(spec.eval, spec, labels)
-    if spec.eval_split == 0 or len(train) < 2:
-        return train, []
-    order = list(range(len(train)))
-    random.Random(recipe.training.seed).shuffle(order)
-    n_eval = max(1, math.floor(len(train) * spec.eval_split))
-    held = set(order[:n_eval])
-    return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    listed = not isinstance(getattr(recipe.data, key), str)
+    found = []
+    for name, label, source in recipe.data.sources(key):
+        try:
+            rows = load_rows(source.path, source.split)
+        except LLMTuneError as e:
+            if not listed:
+                raise
+            raise LLMTuneError(f"{name}: {e}") from None  # the message names the path already
+        spec = recipe.data.model_copy(
+            update={"format": source.format, "columns": source.columns, "split": source.split}
+        )
+        samples = format_rows(rows, spec, label, labels, name if listed else "data")
+        digest = hashlib.sha256()
+        for sample in samples:
+            digest.update(json.dumps(asdict(sample), sort_keys=True).encode())
+        found.append((source, SourceSamples(name, label, source.path, samples, digest.hexdigest())))
+    return found
+
+
+def _hold_out(samples: list[Sample], fraction: float, rng: random.Random) -> tuple[list[Sample], list[Sample]]:
+    if fraction == 0 or len(samples) < 2:
+        return samples, []
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    held = set(order[: max(1, math.floor(len(samples) * fraction))])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def _mix(sources: list[tuple[DataSourceSpec, SourceSamples]], stop: str, rng: random.Random, listed: bool) -> Split:
+    """Weighted sources interleaved at random until `stop`; otherwise every source's rows (or `count` of them),
+    spread evenly through the split."""
+    parts = [part for _, part in sources]
+    if any(source.weight is not None for source, _ in sources):
+        order = _interleave(parts, [source.weight for source, _ in sources], stop, rng)
+        return Split(parts, order, listed)
+    for source, part in sources:
+        if source.count is not None:
+            part.samples = _take(part, source.count, source.replace, rng)
+    return Split(parts, _even_order(parts), listed)
+
+
+def _take(part: SourceSamples, count: int, replace: bool, rng: random.Random) -> list[Sample]:
+    """`count` rows drawn without repeats; with `replace`, whole passes over the rows first, so each row appears
+    count // rows or one more times. Kept in the source's order."""
+    n = len(part.samples)
+    if count > n and not replace:
+        raise LLMTuneError(
+            f"{part.label}: count {count} is more than its {n} training rows (after eval_split is held out); "
+            "lower count, or set replace: true to repeat rows"
+        )
+    picks = [i for _ in range(count // n) for i in range(n)] if replace else []
+    picks += rng.sample(range(n), count - len(picks))
+    return [part.samples[i] for i in sorted(picks)]
+
+
+def _interleave(parts: list[SourceSamples], weights: list[float], stop: str, rng: random.Random) -> list[int]:
+    """Draw a source by weight for each row and take its next row, every source in its own shuffled order.
+
+    The mixture ends when a source has given all its rows (stop first_exhausted: no row repeats, and the mixture
+    is about min(rows / share) long), or when every source has (all_exhausted: a source that runs out starts a
+    new shuffled pass; about max(rows / share) long). Each part keeps the rows drawn from it, in drawn order.
+    """
+    pools = [p.samples for p in parts]
+    queues = [rng.sample(range(len(pool)), len(pool)) for pool in pools]
+    taken: list[list[Sample]] = [[] for _ in pools]
+    finished = [False] * len(pools)
+    order = []
+    while True:
+        i = rng.choices(range(len(pools)), weights)[0]
+        if not queues[i]:
+            queues[i] = rng.sample(range(len(pools[i])), len(pools[i]))
+        taken[i].append(pools[i][queues[i].pop()])
+        order.append(i)
+        if not queues[i]:
+            finished[i] = True
+            if stop == "first_exhausted" or all(finished):
+                break
+    for part, rows in zip(parts, taken, strict=True):
+        part.samples = rows
+    return order
+
+
+def _even_order(parts: list[SourceSamples]) -> list[int]:
+    """Sources spread evenly: each row placed at its fraction of its source, so any prefix samples every source."""
+    slots = [((j + 0.5) / len(p.samples), i) for i, p in enumerate(parts) for j in range(len(p.samples))]
+    return [i for _, i in sorted(slots)]
+
+
+def interleave(order: list[int], lengths: list[int]) -> list[tuple[int, int]]:
+    """(part, row) pairs in mixture order, for parts that hold `lengths` rows once encoded.
+
+    Encoding drops rows (and lm cuts a source into blocks), so a part may hold fewer rows than `order` gives it,
+    or more: each follows `order` as far as its rows go, and rows left over come last.
+    """
+    taken = [0] * len(lengths)
+    pairs = []
+    for i in order:
+        if taken[i] < lengths[i]:
+            pairs.append((i, taken[i]))
+            taken[i] += 1
+    return pairs + [(i, j) for i, n in enumerate(lengths) for j in range(taken[i], n)]
 
 
 def prepare_tokenizer(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -657,16 +808,71 @@ def prompt_reference_dataset(
 def encode_splits(
     recipe: Recipe, tokenizer: PreTrainedTokenizerBase, encode: Callable[..., tuple[Dataset, dict[str, Any]]], *args
 ) -> PreparedData:
-    """The recipe's train and held-out samples, each split tokenized by `encode(samples, tokenizer, recipe.data,
+    """The recipe's train and held-out samples, each source tokenized by `encode(samples, tokenizer, recipe.data,
     *args, source)` (encode_dataset, encode_preference_dataset, ...), with its counts for the data report."""
-    train_samples, eval_samples = split_samples(recipe)
+    train, held_out = load_splits(recipe)
+    return prepare_splits(train, held_out, lambda samples, label: encode(samples, tokenizer, recipe.data, *args, label))
+
+
+def prepare_splits(
+    train: Split,
+    held_out: Split,
+    encode: Callable[[list[Sample], str], tuple[Dataset, dict[str, Any]]],
+    encode_held_out: Callable[[list[Sample], str], tuple[Dataset, dict[str, Any]]] | None = None,
+) -> PreparedData:
+    """Both splits encoded source by source with `encode(samples, label)` (held-out rows with `encode_held_out`
+    where they are encoded differently); without held-out rows there is no eval dataset."""
     report: dict[str, Any] = {}
-    train, report["train"] = encode(train_samples, tokenizer, recipe.data, *args, recipe.data.train)
+    train_ds, report["train"] = encode_split(train, encode)
     eval_ds = None
-    if eval_samples:
-        source = recipe.data.eval or recipe.data.train
-        eval_ds, report["eval"] = encode(eval_samples, tokenizer, recipe.data, *args, source)
-    return PreparedData(train=train, eval=eval_ds, eval_samples=eval_samples, report=report)
+    if held_out.samples:
+        eval_ds, report["eval"] = encode_split(held_out, encode_held_out or encode)
+    sources = {p.label: p.fingerprint for p in (*train.parts, *held_out.parts)}
+    return PreparedData(train=train_ds, eval=eval_ds, eval_samples=held_out.samples, report=report, sources=sources)
+
+
+def encode_split(
+    split: Split, encode: Callable[[list[Sample], str], tuple[Dataset, dict[str, Any]]]
+) -> tuple[Dataset, dict[str, Any]]:
+    """Each source encoded on its own, so its errors and counts name it, then joined in mixture order."""
+    from datasets import concatenate_datasets
+
+    encoded = [encode(p.samples, p.label) if p.samples else (None, None) for p in split.parts]
+    counts = split_counts(split, [c for _, c in encoded])
+    datasets = [d for d, _ in encoded if d is not None]
+    if len(datasets) == 1:
+        return datasets[0], counts
+    lengths = [len(d) if d is not None else 0 for d, _ in encoded]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    joined = concatenate_datasets(datasets)
+    return joined.select([starts[i] + j for i, j in interleave(split.order, lengths)]), counts
+
+
+def split_counts(split: Split, counts: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The counts of a split's sources summed; for a list of sources, each source's counts under "sources" (a
+    source that gave no rows, as a weighted mixture can leave one, counts zero)."""
+    total = _sum_counts([c for c in counts if c is not None])
+    if split.listed:
+        total["sources"] = {
+            p.key: {"path": p.path, **(c if c is not None else _zero_counts(total))}
+            for p, c in zip(split.parts, counts, strict=True)
+        }
+    return total
+
+
+def _sum_counts(counts: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for c in counts:
+        for key, value in c.items():
+            # A dict is classification's rows per label.
+            total[key] = (
+                _sum_counts([total.get(key, {}), value]) if isinstance(value, dict) else total.get(key, 0) + value
+            )
+    return total
+
+
+def _zero_counts(counts: dict[str, Any]) -> dict[str, Any]:
+    return {key: _zero_counts(value) if isinstance(value, dict) else 0 for key, value in counts.items()}
 
 
 # --- language modelling: text packed into fixed-length blocks ---------------------------------------

@@ -8,11 +8,12 @@ inference that differs from the one used in training (prompts arrive in a format
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtune.artifacts import RECIPE_FILE, is_run_dir, open_run
-from llmtune.data import IGNORE_INDEX, encode_dataset, prepare_tokenizer, split_samples
+from llmtune.data import IGNORE_INDEX, encode_dataset, interleave, load_splits, prepare_tokenizer, split_counts
 from llmtune.errors import LLMTuneError
 from llmtune.models import load_recipe_tokenizer, load_tokenizer
 from llmtune.recipe import Recipe, load_recipe
@@ -36,8 +37,9 @@ class Token:
 
 @dataclass(frozen=True)
 class DataPreview:
-    rows: list[list[Token]]  # the first training rows, after truncation and dropping
-    counts: dict[str, int]  # from encode_dataset: rows, tokens, loss_tokens, truncated, dropped
+    rows: list[list[Token]]  # the first training rows (of each source of a mixture), after truncation and dropping
+    row_sources: list[str]  # the label of the source each row comes from
+    counts: dict[str, Any]  # from encode_dataset: rows, tokens, loss_tokens, truncated, dropped; a mixture: by source
     pad_tokens: int  # added when consecutive rows are batched and padded to the batch's longest row
     batch_size: int
     max_length: int
@@ -68,34 +70,45 @@ def preview_data(target: str | Path, n: int = 3, overrides: list[str] | None = N
 
 
 def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3) -> DataPreview:
-    """Encode the training split as `finetune` does, check every row, and keep the first `n` for display."""
-    source = recipe.data.train
+    """Encode the training split as `finetune` does, check every row, and keep the first `n` of each source."""
     if recipe.objective.name == "classify":
         raise LLMTuneError(
             f"data preview shows which tokens carry loss; a classifier's target is one label per row: "
-            f"llmtune validate checks {source} and its labels"
+            f"llmtune validate checks {', '.join(label for _, label, _ in recipe.data.sources('train'))} and its labels"
         )
     # Objectives without loss_on show each row with its response (a preference pair: its chosen response).
     loss_on = getattr(recipe.objective, "loss_on", "response")
     if recipe.objective.name == "lm":
-        from llmtune.objectives.lm import prepare_blocks
+        from llmtune.objectives.lm import block_encoder
 
-        data = prepare_blocks(recipe, tokenizer)
-        dataset, counts, cut = data.train, data.report["train"], recipe.data.max_length
+        encode = block_encoder(tokenizer, recipe.data.max_length, keep_remainder=False)
     else:
-        train, _ = split_samples(recipe)
-        dataset, counts = encode_dataset(train, tokenizer, recipe.data, loss_on, source)
-        cut = recipe.data.max_length if counts["truncated"] else None
-    rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
-    if loss_on == "target":
-        # An encoder-decoder row is shown as its source (encoder input, no loss) followed by its target.
-        rows = [(ids + labels, [IGNORE_INDEX] * len(ids) + labels) for ids, labels in rows]
-    # Truncation (and lm's blocks) cut rows anywhere; only then may a full-length row lack its EOS.
-    check_labels(rows, tokenizer, source, cut)
+        encode = partial(encode_dataset, tokenizer=tokenizer, spec=recipe.data, loss_on=loss_on)
+    train, _ = load_splits(recipe)
+    shown, shown_sources, lengths, counts = [], [], [], []
+    for part in train.parts:
+        if not part.samples:  # a weighted mixture can draw no row from a source
+            lengths.append([])
+            counts.append(None)
+            continue
+        dataset, part_counts = encode(part.samples, source=part.label)
+        rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
+        if loss_on == "target":
+            # An encoder-decoder row is shown as its source (encoder input, no loss) followed by its target.
+            rows = [(ids + labels, [IGNORE_INDEX] * len(ids) + labels) for ids, labels in rows]
+        # Truncation (and lm's blocks) cut rows anywhere; only then may a full-length row lack its EOS.
+        cut = recipe.data.max_length if part_counts["truncated"] or recipe.objective.name == "lm" else None
+        check_labels(rows, tokenizer, part.label, cut)
+        shown += [token_view(ids, labels, tokenizer) for ids, labels in rows[:n]]
+        shown_sources += [part.label] * min(n, len(rows))
+        lengths.append([len(ids) for ids, _ in rows])
+        counts.append(part_counts)
+    in_order = [lengths[i][j] for i, j in interleave(train.order, [len(x) for x in lengths])]
     return DataPreview(
-        rows=[token_view(ids, labels, tokenizer) for ids, labels in rows[:n]],
-        counts=counts,
-        pad_tokens=pad_tokens([len(ids) for ids, _ in rows], recipe.training.batch_size),
+        rows=shown,
+        row_sources=shown_sources,
+        counts=split_counts(train, counts),
+        pad_tokens=pad_tokens(in_order, recipe.training.batch_size),
         batch_size=recipe.training.batch_size,
         max_length=recipe.data.max_length,
     )

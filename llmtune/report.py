@@ -53,8 +53,7 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], evaluation: dict[str, An
         "",
         "## Training data",
         "",
-        f"- train: `{recipe.data.train}` (format `{recipe.data.format}`, max_length {recipe.data.max_length})",
-        f"- held out: `{recipe.data.eval or f'{recipe.data.eval_split:.0%} of train'}`",
+        *_data_lines(recipe),
         "",
         "## Results on the held-out data",
         "",
@@ -169,3 +168,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _data_lines(recipe: Recipe) -> list[str]:
+    """One line per source: its path and format, and its share of a mixture."""
+    data = recipe.data
+
+    def line(split: str, source: Any) -> str:
+        share = f", weight {source.weight:g}" if source.weight is not None else ""
+        if source.count is not None:
+            share = f", {source.count} rows{' (repeats allowed)' if source.replace else ''}"
+        return f"- {split}: `{source.path}` (format `{source.format}`{share})"
+
+    lines = [line("train", source) for _, _, source in data.sources("train")]
+    lines += [line("held out", source) for _, _, source in data.sources("eval")]
+    if data.eval is None:
+        lines.append(f"- held out: {data.eval_split:.0%} of each train source")
+    return [*lines, f"- max_length {data.max_length}"]

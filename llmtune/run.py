@@ -68,6 +68,8 @@ def finetune(
     added = prepare_tokenizer(recipe, tokenizer)
     _check_new_tokens(recipe, added)
     data = prepare_data(recipe, tokenizer)
+    if checkpoint is not None:
+        _check_same_data(RunDir(out), data)
 
     # 3. Model and tuning method; tokens the chat template added get embedding rows that train.
     model = _build_model(recipe, tokenizer, added)
@@ -155,20 +157,30 @@ def _write_run_dir(
 ) -> None:
     """A new run directory, or the resumed one brought back to its checkpoint."""
     run = RunDir(out)
-    facts = {"recipe_sha256": recipe_hash(recipe), "data_fingerprint": data.fingerprint}
+    facts = {"recipe_sha256": recipe_hash(recipe), "data_fingerprint": data.fingerprint, "data_sources": data.sources}
     if checkpoint is None:
         artifacts.create_run_dir(out, recipe, overwrite, **facts)
     else:
-        if run.manifest().get("data_fingerprint", facts["data_fingerprint"]) != facts["data_fingerprint"]:
-            raise LLMTuneError(
-                f"{out}: the training data (or its tokenization) changed since the run started; resuming would "
-                "mix two datasets: restore the data, or start a new run with --overwrite"
-            )
         artifacts.update_manifest(run, status="running", resumed_from=checkpoint.name, **facts)
         _truncate_log(run.file(artifacts.TRAINER_LOG_FILE), _checkpoint_step(checkpoint))
     artifacts.write_json(run.file(artifacts.SPEED_FILE), plan.to_dict())
     for stale in out.glob(f".{CHECKPOINT_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing a checkpoint
+
+
+def _check_same_data(run: RunDir, data: Any) -> None:
+    """Refuse to resume on other data than the run started with, naming the sources that changed."""
+    manifest = run.manifest()
+    if manifest.get("data_fingerprint", data.fingerprint) == data.fingerprint:
+        return
+    # Runs started before per-source fingerprints were saved name no source.
+    before = manifest.get("data_sources", {})
+    changed = [label for label, digest in data.sources.items() if before.get(label, digest) != digest]
+    what = f"the rows of {', '.join(changed)}" if changed else "the training data (or its tokenization)"
+    raise LLMTuneError(
+        f"{run.path}: {what} changed since the run started; resuming would mix two datasets: restore the data, or "
+        "start a new run with --overwrite"
+    )
 
 
 def _build_trainer(recipe, model, tokenizer, data, run: RunDir, plan: accel.SpeedPlan, stop) -> Any:
@@ -305,20 +317,26 @@ def _save_weights(run: RunDir, model: Any, recipe: Recipe) -> None:
 
 def _print_data_report(report: dict[str, Any], max_length: int) -> None:
     for split, c in report.items():
-        cut = ""
-        if c["truncated"] or c["dropped"]:
-            cut = f"; over max_length={max_length}: {c['truncated']} truncated, {c['dropped']} dropped"
-        if "remainder_tokens" in c:
-            cut = f" in blocks of {max_length} from {c['documents']} documents"
-            if c["remainder_tokens"]:
-                cut += f"; the last {c['remainder_tokens']} tokens, shorter than a block, are not trained on"
-        if "labels" in c:
-            target = ", labels " + ", ".join(f"{name} {n}" for name, n in c["labels"].items())
-        elif "loss_tokens" in c:
-            target = f", {c['loss_tokens']:,} carry loss"
-        else:  # objectives that generate their completions (grpo) have no loss-bearing tokens in the data
-            target = ""
-        print(f"data {split}: {c['rows']} rows, {c['tokens']:,} tokens{target}{cut}", flush=True)
+        print(f"data {split}: {_data_counts(c, max_length)}", flush=True)
+        for key, source in c.get("sources", {}).items():
+            print(f"  {key} ({source['path']}): {_data_counts(source, max_length)}", flush=True)
+
+
+def _data_counts(c: dict[str, Any], max_length: int) -> str:
+    cut = ""
+    if c["truncated"] or c["dropped"]:
+        cut = f"; over max_length={max_length}: {c['truncated']} truncated, {c['dropped']} dropped"
+    if "remainder_tokens" in c:
+        cut = f" in blocks of {max_length} from {c['documents']} documents"
+        if c["remainder_tokens"]:
+            cut += f"; the last {c['remainder_tokens']} tokens, shorter than a block, are not trained on"
+    if "labels" in c:
+        target = ", labels " + ", ".join(f"{name} {n}" for name, n in c["labels"].items())
+    elif "loss_tokens" in c:
+        target = f", {c['loss_tokens']:,} carry loss"
+    else:  # objectives that generate their completions (grpo) have no loss-bearing tokens in the data
+        target = ""
+    return f"{c['rows']} rows, {c['tokens']:,} tokens{target}{cut}"
 
 
 def _jsonl_log_callback(path: Path):

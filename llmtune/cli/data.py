@@ -22,7 +22,9 @@ def preview(
     target: Annotated[
         Path, typer.Argument(help="A recipe, or a run directory (its saved chat template is checked too).")
     ],
-    n: Annotated[int, typer.Option("--n", "-n", min=1, help="How many training rows to show.")] = 3,
+    n: Annotated[
+        int, typer.Option("--n", "-n", min=1, help="How many training rows to show (of each source of a mixture).")
+    ] = 3,
     overrides: Overrides = None,
 ) -> None:
     """Show training rows token by token: loss-bearing tokens highlighted, the rest dimmed, EOS marked.
@@ -44,9 +46,13 @@ def preview(
         else "⟦bracketed⟧: carries loss; the rest: no loss"
     )
     typer.echo(f"{legend}; {EOS_MARK}: end of sequence")
-    for i, tokens in enumerate(result.rows, 1):
+    mixture = "sources" in result.counts
+    row = dict.fromkeys(result.row_sources, 0)
+    for source, tokens in zip(result.row_sources, result.rows, strict=True):
+        row[source] += 1
         loss = sum(t.loss for t in tokens)
-        typer.echo(f"--- row {i}: {len(tokens)} tokens, {loss} carry loss ---")
+        where = f"{source}: row {row[source]}" if mixture else f"row {row[source]}"
+        typer.echo(f"--- {where}: {len(tokens)} tokens, {loss} carry loss ---")
         typer.echo(_render(tokens, color))
     c = result.counts
     typer.echo(
@@ -56,6 +62,11 @@ def preview(
         f"padding waste at batch_size={result.batch_size}: {result.padding_waste:.1%} "
         f"({result.pad_tokens:,} pad tokens)"
     )
+    for key, s in c.get("sources", {}).items():
+        typer.echo(
+            f"  {key} ({s['path']}): {s['rows']} rows, {s['tokens']:,} tokens, {s['loss_tokens']:,} carry loss; "
+            f"{s['truncated']} truncated, {s['dropped']} dropped"
+        )
 
 
 def _render(tokens, color: bool) -> str:

@@ -171,8 +171,15 @@ def rebase_paths(text: str, source_dir: Path, dest_dir: Path, source: Path) -> t
     raw = yaml.safe_load(text)
     raw = raw if isinstance(raw, dict) else {}
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    # The same references load_recipe resolves against the recipe's directory.
-    refs = {("model",): raw.get("model"), ("data", "train"): data.get("train"), ("data", "eval"): data.get("eval")}
+    # The same references load_recipe resolves against the recipe's directory, each source of a mixture too.
+    refs: dict[tuple[str | int, ...], Any] = {("model",): raw.get("model")}
+    for field in ("train", "eval"):
+        value = data.get(field)
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            keys = ("data", field) if i is None else ("data", field, i)
+            if isinstance(item, dict):
+                keys, item = (*keys, "path"), item.get("path")
+            refs[keys] = item
     rewritten = []
     for keys, ref in refs.items():
         if not isinstance(ref, str) or Path(ref).is_absolute() or not (source_dir / ref).exists():
@@ -180,8 +187,12 @@ def rebase_paths(text: str, source_dir: Path, dest_dir: Path, source: Path) -> t
         new = recipe_path(source_dir / ref, dest_dir)
         if new != ref:
             text = _replace_value(text, keys, ref, new, source)
-            rewritten.append(".".join(keys))
+            rewritten.append(_key_name(keys))
     return text, rewritten
+
+
+def _key_name(keys: tuple[str | int, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
 
 
 def recipe_path(path: Path, recipe_dir: Path) -> str:
@@ -194,12 +205,15 @@ def recipe_path(path: Path, recipe_dir: Path) -> str:
     return os.path.relpath(path, recipe_dir)
 
 
-def _replace_value(text: str, keys: tuple[str, ...], old: str, new: str, source: Path) -> str:
+def _replace_value(text: str, keys: tuple[str | int, ...], old: str, new: str, source: Path) -> str:
     import yaml
 
+    # A mapping's value follows its key; a list item follows its dash (block style) or a bracket or comma (flow).
+    before = (
+        rf"(?<![\w-])({re.escape(keys[-1])}:[ \t]*)" if isinstance(keys[-1], str) else r"((?:^[ \t]*-|[\[,])[ \t]*)"
+    )
     pattern = re.compile(
-        rf"(?<![\w-])({re.escape(keys[-1])}:[ \t]*)(['\"]?){re.escape(old)}\2"
-        rf"(?=[ \t]*([,}}#]|$))(?P<comment>[ \t]*#.*)?",
+        rf"{before}(['\"]?){re.escape(old)}\2(?=[ \t]*([,}}\]#]|$))(?P<comment>[ \t]*#.*)?",
         re.M,
     )
     for match in pattern.finditer(text):
@@ -211,11 +225,14 @@ def _replace_value(text: str, keys: tuple[str, ...], old: str, new: str, source:
             candidate = text[: match.start()] + match.group(1) + value + comment + text[match.end() :]
             parsed: Any = yaml.safe_load(candidate)
             for key in keys:
-                parsed = parsed.get(key) if isinstance(parsed, dict) else None
+                if isinstance(key, int):
+                    parsed = parsed[key] if isinstance(parsed, list) and key < len(parsed) else None
+                else:
+                    parsed = parsed.get(key) if isinstance(parsed, dict) else None
             if parsed == new:
                 return candidate
     raise LLMTuneError(
-        f"{source}: cannot rewrite {'.'.join(keys)} in the copy; copy the file by hand and set it to {new}"
+        f"{source}: cannot rewrite {_key_name(keys)} in the copy; copy the file by hand and set it to {new}"
     )
 
 

@@ -5,32 +5,40 @@ It trains as SFT does (sft.build_sft) over those blocks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from llmtune import metrics
-from llmtune.data import PreparedData, Sample, lm_blocks, split_samples
+from llmtune.data import PreparedData, Sample, lm_blocks, load_splits, prepare_splits
 from llmtune.evaluation import response_nll
 from llmtune.recipe import Recipe
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def prepare_blocks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Objective lm: every token carries loss; training drops the tail shorter than a block, held-out keeps it."""
+    """Objective lm: every token carries loss; training drops the tail shorter than a block, held-out keeps it.
+    Each source of a mixture is cut into blocks on its own, so its counts are its own."""
+    train, held_out = load_splits(recipe)
+    block = recipe.data.max_length
+    return prepare_splits(
+        train, held_out, block_encoder(tokenizer, block, False), block_encoder(tokenizer, block, True)
+    )
+
+
+def block_encoder(
+    tokenizer: PreTrainedTokenizerBase, block: int, keep_remainder: bool
+) -> Callable[[list[Sample], str], tuple[Dataset, dict[str, Any]]]:
+    """`encode(samples, source)` giving a source's blocks (every token a label) and their counts."""
     from datasets import Dataset
 
-    train_samples, eval_samples = split_samples(recipe)
-    block = recipe.data.max_length
-    datasets, report = {}, {}
-    for split, samples, keep, source in (
-        ("train", train_samples, False, recipe.data.train),
-        ("eval", eval_samples, True, recipe.data.eval or recipe.data.train),
-    ):
-        if samples:
-            blocks, report[split] = lm_blocks(samples, tokenizer, block, keep, source)
-            datasets[split] = Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
-    return PreparedData(train=datasets["train"], eval=datasets.get("eval"), eval_samples=eval_samples, report=report)
+    def encode(samples: list[Sample], source: str) -> tuple[Dataset, dict[str, Any]]:
+        blocks, counts = lm_blocks(samples, tokenizer, block, keep_remainder, source)
+        return Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]}), counts
+
+    return encode
 
 
 def score_lm(

@@ -27,7 +27,7 @@ AutoOrBool = Annotated[Union[Literal["auto"], bool], BeforeValidator(_auto_or_bo
 
 
 def models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The spec classes an annotation admits: itself, or every member of a (discriminated) union."""
+    """The spec classes an annotation admits: itself, every member of a (discriminated) union, or a list's items."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     origin = typing.get_origin(annotation)
@@ -35,6 +35,8 @@ def models_in(annotation: Any) -> list[type[BaseModel]]:
         return models_in(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+    if origin is list:
+        return models_in(typing.get_args(annotation)[0])
     return []
 
 

@@ -110,14 +110,14 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     data = recipe.data
     updates = {}
     for field in ("train", "eval"):
-        ref = getattr(data, field)
-        if ref is None:
-            continue
-        local = base / ref
-        if local.exists():
-            updates[field] = str(local.resolve())
-        elif is_local_data_ref(ref):
-            raise LLMTuneError(f"{base / ref}: data.{field} file not found (paths are relative to the recipe file)")
+        value = getattr(data, field)
+        if isinstance(value, str):
+            updates[field] = _resolve_data_ref(value, base, f"data.{field}")
+        elif value is not None:
+            updates[field] = [
+                source.model_copy(update={"path": _resolve_data_ref(source.path, base, f"data.{field}[{i}]")})
+                for i, source in enumerate(value)
+            ]
     template = data.chat_template
     if isinstance(template, str) and template.endswith(".jinja") and not is_jinja(template):
         local = (base / template).expanduser()
@@ -146,6 +146,16 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe.model_copy(
         update={"data": data.model_copy(update=updates), "model": model, "training": training, "objective": objective}
     )
+
+
+def _resolve_data_ref(ref: str, base: Path, key: str) -> str:
+    """A data file or directory relative to the recipe file becomes absolute; a hub name stays as written."""
+    local = base / ref
+    if local.exists():
+        return str(local.resolve())
+    if is_local_data_ref(ref):
+        raise LLMTuneError(f"{local}: {key} file not found (paths are relative to the recipe file)")
+    return ref
 
 
 def _resolve_model_ref(ref: str, base: Path, key: str) -> str:
@@ -236,6 +246,9 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
     models: list[type[BaseModel]] = [Recipe]
     names: list[str] = list(Recipe.model_fields)
     for part in loc:
+        if isinstance(part, int) and shown:
+            shown[-1] += f"[{part}]"  # an item of a list, as data.train[1]
+            continue
         part = str(part)
         by_tag = {spec_name(m): m for m in models if "name" in m.model_fields}
         if part in by_tag and not any(part in m.model_fields for m in models):

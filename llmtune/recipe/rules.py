@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from llmtune.recipe.data import SEQ2SEQ_FORMATS
+from llmtune.recipe.data import SAMPLE_KINDS, SEQ2SEQ_FORMATS
 from llmtune.recipe.methods import METHOD_SPECS
 from llmtune.recipe.models import SDPA_ATTENTION, is_gguf_ref
 from llmtune.recipe.objectives import OBJECTIVE_SPECS
@@ -223,6 +223,46 @@ def check_model_options(recipe: Recipe) -> None:
         )
 
 
+def check_mixture_sizes(recipe: Recipe) -> None:
+    """A list of sources is a weighted mixture, or whole sources and counts: a weight says what share of the mixture
+    a source is, which a fixed number of rows would contradict."""
+    for key in ("train", "eval"):
+        sources = getattr(recipe.data, key)
+        if isinstance(sources, str) or sources is None:
+            continue
+        weighted = [source.weight is not None for source in sources]
+        if any(weighted) and not all(weighted):
+            i = weighted.index(False)
+            raise ValueError(
+                f"data.{key}[{i}] ({sources[i].path}): has no weight, but data.{key}[{weighted.index(True)}] has one; "
+                "in a weighted mixture every source needs a weight (count and whole sources go without weights)"
+            )
+
+
+def check_source_formats(recipe: Recipe) -> None:
+    """Every source gives the kind of sample data.format gives, so one objective can train on all of them."""
+    data, objective = recipe.data, recipe.objective.name
+    kind = SAMPLE_KINDS[data.format]
+    same = [f for f, k in SAMPLE_KINDS.items() if k == kind]
+    if objective == "seq2seq":
+        same = [f for f in same if f in SEQ2SEQ_FORMATS]
+    for key in ("train", "eval"):
+        for _, label, source in data.sources(key):
+            if source.format in same:
+                continue
+            if SAMPLE_KINDS[source.format] != kind:
+                why = (
+                    f"format {source.format} gives {SAMPLE_KINDS[source.format]} samples, but data.format "
+                    f"{data.format} gives {kind} samples; every source must give the same kind"
+                )
+            else:
+                why = f"format {source.format}: objective seq2seq maps a source to a target"
+            raise ValueError(
+                f"{label}: {why}; give it format {' or '.join(same)} (map its columns with columns:), or change "
+                "data.format"
+            )
+
+
 # In the order they are checked: the first that fails is the error the user sees.
 RULES: tuple[Callable[[Recipe], None], ...] = (
     check_preference_data,
@@ -237,4 +277,6 @@ RULES: tuple[Callable[[Recipe], None], ...] = (
     check_objective_data,
     check_eval_metrics,
     check_model_options,
+    check_mixture_sizes,
+    check_source_formats,
 )

@@ -97,7 +97,7 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
         ({"method": {"name": "lora", "r": "abc"}}, "method.r", "'abc'"),
         ({"training": {"max_steps": 0}}, "training.max_steps", "0"),
         ({"data": {"train": "data/train.jsonl", "format": "xml"}}, "data.format", "'xml'"),
-        ({"eval": {"metrics": ["blue"]}}, "eval.metrics.0", "'blue'"),
+        ({"eval": {"metrics": ["blue"]}}, "eval.metrics[0]", "'blue'"),
     ],
 )
 def test_wrong_type_names_key_path_and_value(tmp_path, changes, key_path, shown):
