@@ -619,23 +619,14 @@ def base_tokenizer():
 
 
 def write_base_checkpoint(directory: Path, tied: bool = False) -> Path:
-    """A tiny random Llama and base_tokenizer() saved as a checkpoint directory (seeded: the same weights each call)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """tiny:llama's shape with base_tokenizer() as a checkpoint directory (seeded: the same weights each call)."""
+    from transformers import LlamaForCausalLM
+
+    from llmtune.models import _tiny_llama_config
 
     tokenizer = base_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tied,
-    )
+    config = _tiny_llama_config(len(tokenizer), tokenizer)
+    config.tie_word_embeddings = tied
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)

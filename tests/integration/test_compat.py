@@ -244,7 +244,7 @@ def test_refused_cell(request, tmp_path: Path, monkeypatch, method: str, feature
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded a tokenizer or model for a refused recipe")
 
-    monkeypatch.setattr(llmtune.run, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(llmtune.run, "load_recipe_tokenizer", must_not_load)
     monkeypatch.setattr(llmtune.run, "load_base_model", must_not_load)
     with expect_error(FEATURE_KEYS[feature]):
         finetune(path)
