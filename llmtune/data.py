@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llmtune.errors import LLMTuneError, first_line
 from llmtune.recipe import DataSpec, Recipe, is_local_data_ref
 from llmtune.recipe.data import DataSourceSpec
-from llmtune.templates import apply_template, end_of_turn, missing_template
+from llmtune.templates import apply_template, end_of_turn, missing_template, template_names
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -598,7 +598,7 @@ def _pieces(sample: Sample, tokenizer: PreTrainedTokenizerBase, loss_on: str = "
             if start < 0 or not through.startswith(done):
                 raise LLMTuneError(
                     f"tokenizer {tokenizer.name_or_path!r}: its chat template rewrites earlier turns, so responses "
-                    "cannot be located; set data.chat_template: false or use another template"
+                    f"cannot be located; set data.chat_template to a registry template ({template_names()}) or false"
                 )
         response = through[start:]
         end = response.find(turn_end)

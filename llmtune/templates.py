@@ -215,14 +215,18 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     With neither, EOS is what training appends, so the tuned model still learns to stop."""
     eos = tokenizer.eos_token
     marker = "\x00response\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that needs more than one plain exchange: rendering the data will say why
+        return eos
     after = text[text.find(marker) + len(marker) :] if marker in text else ""
     if eos and eos in after:
         return eos
-    specials = sorted((t for t in tokenizer.all_special_tokens if t), key=len, reverse=True)
-    return next((t for t in specials if after.startswith(t)), eos)
+    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    tokens = sorted({t for t in [*tokenizer.all_special_tokens, *added] if t}, key=len, reverse=True)
+    return next((t for t in tokens if after.startswith(t)), eos)
 
 
 def stop_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:

@@ -207,3 +207,19 @@ def test_bad_message_marks_are_named(index, mark, fragment):
 def test_a_row_with_nothing_to_train_is_refused():
     with expect_error("f: row 1", "every assistant message has train: false"):
         trained_text([CONVERSATION[1], {**CONVERSATION[2], "train": False}])
+
+
+def test_a_template_that_rewrites_earlier_turns_points_to_the_registry():
+    # Mistral v0.3's own template puts the system message in the last user turn, so it moves as a chat grows.
+    tokenizer = base_tokenizer()
+    tokenizer.chat_template = (
+        "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}{{ bos_token }}"
+        "{% for m in messages[1:] %}{% if m['role'] == 'user' %}{{ '[INST] ' }}"
+        "{% if m == users[-1] %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}{{ m['content'] + '[/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+    with expect_error("rewrites earlier turns", "set data.chat_template to a registry template (chatml,", "mistral"):
+        encode(Sample(messages=CONVERSATION), tokenizer)
+    apply_template(tokenizer, "mistral")  # the advice works
+    ids, labels = encode(Sample(messages=CONVERSATION), tokenizer)
+    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "Hello!</s>4</s>"
