@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RECIPE_FILE, complete_checkpoints, make_readable
 from llmtune.errors import LLMTuneError
+from llmtune.optim import relative_step_schedule
 
 
 class NonFiniteLoss(LLMTuneError):
@@ -54,6 +55,14 @@ class GuardedTrainerMixin:
                 "lower training.learning_rate, raise training.warmup_steps, or use float32"
             )
         return result
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        # Adafactor with relative_step sets its own step size; the Trainer's schedule would only mislabel it.
+        if self.lr_scheduler is None:
+            own = relative_step_schedule(optimizer or self.optimizer)
+            if own is not None:
+                self.lr_scheduler, self._created_lr_scheduler = own, True
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)
