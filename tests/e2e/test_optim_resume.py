@@ -15,16 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    RESUME_TRAINING,
-    chat_rows,
-    checkpoint_names,
-    log_entries,
-    manifest,
-    save_recipe,
-    varied_rows,
-    write_jsonl,
-)
+from helpers import RESUME_TRAINING, checkpoint_names, log_entries, manifest, write_tiny_recipe
 from safetensors.torch import load_file
 
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER
@@ -42,28 +33,19 @@ CLI_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"
 
 
 def write_recipe(root: Path, name: str) -> Path:
-    write_jsonl(root / "data" / "train.jsonl", varied_rows(40))
-    write_jsonl(root / "data" / "eval.jsonl", chat_rows(6))
-    recipe = {
-        "model": "tiny:llama",
-        # Rank 64: LoRA's A matrices are 4096 values, the smallest tensor bitsandbytes keeps 8-bit state for.
-        "method": {"name": "lora", "r": 64, "alpha": 64, "dropout": 0.1, "loraplus_lr_ratio": 16},
-        "objective": {"name": "sft"},
-        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "format": "chat", "max_length": 128},
-        "training": {
-            **RESUME_TRAINING,
-            "max_steps": STEPS,
-            "save_steps": SAVE_STEPS,
-            "learning_rate": 1e-3,
-            "optimizer": {"name": "paged_adamw_8bit", "betas": [0.9, 0.95]},
-            "lr_scheduler": {"name": "cosine_with_min_lr", "min_lr_ratio": 0.1},
-            "warmup_ratio": 0.1,
-            "report_to": [],
-        },
-        "eval": {"max_new_tokens": 4, "batch_size": 6},
-        "output": {"dir": str(root / "runs" / name)},
+    # Rank 64: LoRA's A matrices are 4096 values, the smallest tensor bitsandbytes keeps 8-bit state for.
+    method = {"name": "lora", "r": 64, "alpha": 64, "dropout": 0.1, "loraplus_lr_ratio": 16}
+    training = {
+        **RESUME_TRAINING,
+        "max_steps": STEPS,
+        "save_steps": SAVE_STEPS,
+        "learning_rate": 1e-3,
+        "optimizer": {"name": "paged_adamw_8bit", "betas": [0.9, 0.95]},
+        "lr_scheduler": {"name": "cosine_with_min_lr", "min_lr_ratio": 0.1},
+        "warmup_ratio": 0.1,
+        "report_to": [],
     }
-    return save_recipe(root, name, recipe)
+    return write_tiny_recipe(root, name, rows=40, method=method, training=training)
 
 
 def trained_steps(run: Path) -> list[tuple[int, float, float]]:
