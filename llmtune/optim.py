@@ -9,6 +9,7 @@ names. Adafactor's relative step brings its own schedule (`relative_step_schedul
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,16 @@ def _loraplus_factory(optimizer_cls: type, ratio: float, weight_decay: float) ->
         return optimizer
 
     return lambda: build
+
+
+def forget_8bit_overrides() -> None:
+    """Drop the 32-bit overrides of 8-bit optimizers built before in this process: bitsandbytes keeps them in one
+    process-wide manager, by parameter position, and would apply them to whichever weight of the next optimizer
+    sits at that position."""
+    if "bitsandbytes" in sys.modules:
+        from bitsandbytes.optim import GlobalOptimManager
+
+        GlobalOptimManager.get_instance().initialize()
 
 
 def relative_step_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:

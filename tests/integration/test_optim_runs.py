@@ -120,6 +120,14 @@ def test_loraplus_gives_the_b_matrices_the_larger_learning_rate(make_recipe):
     assert {state[n]["state1"].dtype for n in named if "embed_tokens" in n} == {torch.float32}
     assert {state[n]["state1"].dtype for n in a if "lora_A" in n} == {torch.uint8}
 
+    # bitsandbytes keeps such overrides process-wide by parameter position: the next 8-bit run must not inherit
+    # them (finetune called twice in one process, a notebook).
+    again = built_trainer(make_recipe("again", method=WIDE_LORA, training=training))
+    again.train()
+    states = again.optimizer.optimizer.state
+    big = [p for p in again.model.parameters() if p.requires_grad and p.numel() >= 4096]
+    assert big and {states[p]["state1"].dtype for p in big} == {torch.uint8}
+
 
 def test_neftune_noises_the_embeddings_in_training_forwards_only(make_recipe):
     alpha = 5.0
