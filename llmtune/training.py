@@ -1,5 +1,6 @@
 """What every llmtune trainer adds to a transformers/TRL trainer: atomic checkpoints, a guard against
-non-finite losses, and a graceful stop on Ctrl-C / SIGTERM that checkpoints first.
+non-finite losses, a graceful stop on Ctrl-C / SIGTERM that checkpoints first, and the two optimizer steps
+llmtune.optim cannot leave to the Trainer (a clean bitsandbytes manager, Adafactor's own schedule).
 
 Checkpoints are `RUN/checkpoint-STEP/` as the Trainer writes them (weights or adapter, optimizer,
 scheduler, RNG states, trainer state with the data position), plus the resolved recipe and a
@@ -22,6 +23,7 @@ from transformers import TrainerCallback
 
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RECIPE_FILE, complete_checkpoints, make_readable
 from llmtune.errors import LLMTuneError
+from llmtune.optim import forget_8bit_overrides, relative_step_schedule
 
 
 class NonFiniteLoss(LLMTuneError):
@@ -54,6 +56,19 @@ class GuardedTrainerMixin:
                 "lower training.learning_rate, raise training.warmup_steps, or use float32"
             )
         return result
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            forget_8bit_overrides()  # the Trainer (and LoRA+) register this run's own after building it
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        # Adafactor with relative_step sets its own step size; the Trainer's schedule would only mislabel it.
+        if self.lr_scheduler is None:
+            own = relative_step_schedule(optimizer or self.optimizer)
+            if own is not None:
+                self.lr_scheduler, self._created_lr_scheduler = own, True
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)

@@ -147,11 +147,12 @@ def _kernels(wanted: bool | str, device: Device, model: nn.Module, unsharded: bo
 def _padding_free(recipe: Recipe, model: nn.Module, train: Dataset | None) -> bool:
     """'auto' is on where each row attends on its own (see attention.py; through another attention implementation
     transformers masks the whole flattened batch, correct but quadratic in it) and random batches of this data
-    would be at least PADDING_FREE_FROM padding."""
+    would be at least PADDING_FREE_FROM padding; never with NEFTune, whose noise shrinks with the sequence length."""
     wanted = recipe.speed.padding_free
     if wanted != "auto":
         return wanted
-    if recipe.method.virtual_tokens or not attends_per_row(model) or train is None:
+    neftune = recipe.training.neftune_noise_alpha is not None
+    if recipe.method.virtual_tokens or neftune or not attends_per_row(model) or train is None:
         return False
     # A few thousand rows drawn at random estimate the padding without reading every row.
     rows = random.Random(recipe.training.seed).sample(range(len(train)), min(len(train), 4096))

@@ -75,7 +75,9 @@ def recipe_files() -> dict[str, Path]:
     directory = recipes_dir()
     if not directory.is_dir():
         raise LLMTuneError(f"{directory}: recipes directory not found; set {RECIPES_ENV} to a directory of recipes")
-    return {p.stem: p for p in sorted(directory.iterdir()) if p.suffix in (".yaml", ".yml") and p.is_file()}
+    # Sorted by name, not file name: qlora before qlora-paged-adamw ("." sorts after "-").
+    files = [p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()]
+    return {p.stem: p for p in sorted(files, key=lambda p: p.stem)}
 
 
 def find_recipe(name: str) -> Path:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer
 
+from llmtune import optim
 from llmtune.batching import pad_rows
 from llmtune.errors import LLMTuneError
 from llmtune.recipe import Recipe
@@ -66,8 +67,7 @@ def training_args(config_class: type, recipe: Recipe, plan: SpeedPlan, output_di
         per_device_eval_batch_size=recipe.eval.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
+        **optim.trainer_fields(t),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -110,6 +110,8 @@ def _trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, ca
         callbacks=callbacks,
         **extra,
     )
+    # Set after init: not every TRL trainer takes it as an argument, and the Trainer reads it when training starts.
+    trainer.optimizer_cls_and_kwargs = optim.optimizer_hook(recipe, args)
     _use_llmtune_logging(trainer, output_dir, tensorboard="tensorboard" in recipe.training.report_to)
     if recipe.method.name == "qlora":
         # TRL casts the trainable weights of a quantized model to bfloat16; keep the recipe's compute dtype so

@@ -212,9 +212,9 @@ def _describe(err: dict[str, Any]) -> str:
         hint = (
             f"did you mean '{aliases.get(close[0], close[0])}'?" if close else f"valid keys: {', '.join(sorted(names))}"
         )
-        owners = _union_members_with(loc[0], bad) if len(loc) == 2 else []
+        owners = _union_members_with(loc[:-1], bad)
         if owners:
-            hint = f"'{bad}' is an option of {', '.join(owners)}, not of {loc[0]} {_name_at(loc[0], err)}"
+            hint = f"'{bad}' is an option of {', '.join(owners)}, not of {'.'.join(loc[:-1])} {err['loc'][-2]!r}"
         return f"{where}: unknown key; {hint}"
     if kind == "missing":
         return f"{where}: required key is missing"
@@ -228,16 +228,16 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {err['msg']} (got {_short(err.get('input'))})"
 
 
-def _union_members_with(section: str, key: str) -> list[str]:
-    """Names of the method (or objective) kinds that do accept `key`, for a key given to the wrong kind."""
-    field = Recipe.model_fields.get(section)
-    members = models_in(field.annotation) if field is not None else []
-    return [spec_name(m) for m in members if key in m.model_fields]
-
-
-def _name_at(section: str, err: dict[str, Any]) -> str:
-    tag = err["loc"][1] if len(err["loc"]) > 2 else ""
-    return repr(tag)
+def _union_members_with(path: list[str], key: str) -> list[str]:
+    """Names of the kinds chosen at `path` (methods, objectives, optimizers, ...) that do accept `key`, for a key
+    given to the wrong kind."""
+    models: list[type[BaseModel]] = [Recipe]
+    for part in path:
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        models = models_in(field.annotation) if field is not None else []
+    if len(models) < 2:
+        return []
+    return [spec_name(m) for m in models if key in m.model_fields]
 
 
 def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:

@@ -44,6 +44,13 @@ class _LoraOptions(_MethodOptions):
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
         "default", description="A/B init: default (B = 0), gaussian, pissa or olora (from the base weights' SVD / QR)"
     )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: train the B matrices (and DoRA's magnitudes) at learning_rate x this ratio, A at "
+        "learning_rate; B starts at zero and learns features faster with a larger step (the paper uses 16, with a "
+        "learning rate about half of plain LoRA's); null: one learning rate",
+    )
 
 
 class LoraSpec(_LoraOptions):

@@ -263,6 +263,44 @@ def check_source_formats(recipe: Recipe) -> None:
             )
 
 
+def check_warmup(recipe: Recipe) -> None:
+    t = recipe.training
+    if t.warmup_ratio is not None and t.warmup_steps:
+        raise ValueError(
+            "training.warmup_ratio, training.warmup_steps: both set the warmup; set one of them (the other to null / 0)"
+        )
+    if t.lr_scheduler.name == "constant" and (t.warmup_ratio or t.warmup_steps):
+        raise ValueError(
+            "training.lr_scheduler: constant has no warmup and would ignore it; use constant_with_warmup, or set "
+            "the warmup to 0"
+        )
+
+
+def check_loraplus(recipe: Recipe) -> None:
+    opt = recipe.training.optimizer
+    if getattr(recipe.method, "loraplus_lr_ratio", None) is not None and getattr(opt, "relative_step", False):
+        raise ValueError(
+            "method.loraplus_lr_ratio: Adafactor with relative_step sets one step size of its own, so the B "
+            "matrices cannot get a larger one; remove loraplus_lr_ratio or set training.optimizer.relative_step: "
+            "false"
+        )
+
+
+def check_neftune(recipe: Recipe) -> None:
+    if recipe.training.neftune_noise_alpha is None:
+        return
+    if recipe.objective.generates_while_training:
+        raise ValueError(
+            f"training.neftune_noise_alpha: objective {recipe.objective.name} samples its completions from the "
+            "model in training mode, where NEFTune's noise would perturb them too; remove neftune_noise_alpha"
+        )
+    if recipe.speed.padding_free is True:
+        raise ValueError(
+            "speed.padding_free: NEFTune (training.neftune_noise_alpha) scales its noise by 1/sqrt(sequence length), "
+            "and rows end to end are one long sequence, so each row would get less noise; set it to auto or false"
+        )
+
+
 # In the order they are checked: the first that fails is the error the user sees.
 RULES: tuple[Callable[[Recipe], None], ...] = (
     check_preference_data,
@@ -279,4 +317,7 @@ RULES: tuple[Callable[[Recipe], None], ...] = (
     check_model_options,
     check_mixture_sizes,
     check_source_formats,
+    check_warmup,
+    check_loraplus,
+    check_neftune,
 )

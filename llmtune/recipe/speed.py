@@ -21,7 +21,8 @@ class SpeedSpec(Spec):
         "auto",
         description="objective sft: put a batch's rows end to end instead of padding them to the longest, each row "
         "attending on its own; the same loss with no work on padding; auto = where random batches of the data "
-        "would be at least 10% padding (not for prefix, prompt and p-tuning, or models not attending through sdpa)",
+        "would be at least 10% padding (not for prefix, prompt and p-tuning, with NEFTune, or models not attending "
+        "through sdpa)",
     )
     fused_loss: AutoOrBool = Field(
         "auto",

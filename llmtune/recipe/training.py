@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from llmtune.recipe.common import AutoOrBool, Spec
+from llmtune.recipe.optim import AdamWSpec, LinearScheduleSpec, OptimizerSpec, ScheduleSpec
 
 
 class TrainingSpec(Spec):
@@ -14,11 +15,31 @@ class TrainingSpec(Spec):
     epochs: float | None = Field(None, gt=0, description="passes over the data when max_steps is absent (default 1)")
     batch_size: int = Field(8, gt=0, description="rows per device per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    learning_rate: float = Field(2.0e-4, gt=0, allow_inf_nan=False)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    learning_rate: float = Field(
+        2.0e-4,
+        gt=0,
+        allow_inf_nan=False,
+        description="the peak step size, reached after warmup and scaled by lr_scheduler from there",
+    )
+    optimizer: OptimizerSpec = Field(
+        default_factory=lambda: AdamWSpec(name="adamw"),
+        description="what turns gradients into steps, and how much memory it keeps per trained weight; a name "
+        "(adamw) or a name with its options ({name: sgd, momentum: 0.9})",
+    )
+    lr_scheduler: ScheduleSpec = Field(
+        default_factory=lambda: LinearScheduleSpec(name="linear"),
+        description="how the learning rate moves over the run after warmup; a name (cosine) or a name with its "
+        "options ({name: cosine_with_min_lr, min_lr_ratio: 0.1})",
+    )
+    warmup_steps: int = Field(0, ge=0, description="steps over which the learning rate rises linearly from 0")
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="warmup as a share of the run's optimizer steps (rounded up), instead of warmup_steps",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay; not on biases and norm weights")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are scaled down to this global norm before a step")
     seed: int = 0
     logging_steps: int = Field(5, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
@@ -40,6 +61,12 @@ class TrainingSpec(Spec):
     fsdp: bool = Field(False, description="shard with PyTorch FSDP when launched with torchrun / accelerate")
     fsdp_config: dict[str, Any] = Field(default_factory=dict, description="FSDP options, as transformers takes them")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config file (relative to the recipe file)")
+    neftune_noise_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune: add uniform noise of size alpha / sqrt(length x hidden size) to the input embeddings "
+        "in training forwards only (the paper uses 5); null: none",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="experiment trackers; TensorBoard event files go to RUN/tensorboard",
