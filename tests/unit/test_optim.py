@@ -53,7 +53,7 @@ def test_defaults_are_the_trainers_fused_adamw_and_a_linear_schedule(make_recipe
         ({"optimizer": {"name": "adamw", "momentum": 0.9}}, None, ("training.optimizer.momentum", "option of sgd")),
         ({"optimizer": {"name": "sgd", "betas": [0.9, 0.99]}}, None, ("training.optimizer.betas", "not of")),
         ({"optimizer": "adam"}, None, ("training.optimizer.name: unknown name 'adam'", "'adamw'")),
-        ({"optimizer": {"name": "adamw", "betas": [0.9, 1.0]}}, None, ("training.optimizer.betas.1",)),
+        ({"optimizer": {"name": "adamw", "betas": [0.9, 1.0]}}, None, ("training.optimizer.betas[1]",)),
         ({"optimizer": {"name": "adafactor", "warmup_init": True}}, None, ("training.optimizer", "relative_step")),
         ({"optimizer": {"name": "sgd", "momentum": 0, "nesterov": True}}, None, ("training.optimizer", "momentum")),
         (
