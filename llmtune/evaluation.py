@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +16,16 @@ from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.batching import padded_batches
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, prepare_tokenizer, split_samples
 from llmtune.errors import LLMTuneError
+from llmtune.generation import generate_texts, is_encoder_decoder, prompt_learning_config
 from llmtune.models import (
-    checkpoint_kind,
     load_base_model,
-    load_model,
     load_recipe_tokenizer,
     load_teacher,
-    load_tokenizer,
     load_tuned,
     options_for,
 )
 from llmtune.recipe import DistillSpec, Recipe, load_recipe
 from llmtune.report import write_run_report
-from llmtune.templates import stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -114,7 +110,7 @@ def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
 
 @contextlib.contextmanager
 def _base_of(model: PreTrainedModel, recipe: Recipe, tokenizer: PreTrainedTokenizerBase):
-    if _prompt_learning_config(model) is not None:
+    if prompt_learning_config(model) is not None:
         # Virtual tokens leave the base model's weights as they were.
         yield model.get_base_model()
     elif hasattr(model, "disable_adapter"):
@@ -272,119 +268,3 @@ def teacher_kl(
         total += per_token[mask].sum().item()
         count += int(mask.sum())
     return total / max(count, 1)
-
-
-def _prompt_learning_config(model: PreTrainedModel):
-    """The peft config of prefix, prompt or p-tuning, or None for any other model."""
-    config = getattr(model, "active_peft_config", None)
-    return config if config is not None and config.is_prompt_learning else None
-
-
-def _generation_inputs(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor) -> tuple[PreTrainedModel, dict]:
-    """The model to call `generate` on, and its inputs.
-
-    For prefix, prompt and p-tuning the virtual tokens go in here, and the base model generates: peft's own
-    generation path places them wrongly under transformers 5 (prefix tuning loses its prefix at the first step;
-    prompt tuning decodes every cached token at the wrong position). The attention mask covers the virtual tokens
-    too, so generate numbers positions from it exactly as training did: virtual tokens first, then the prompt,
-    left padding masked and skipped.
-    """
-    config = _prompt_learning_config(model)
-    if config is None:
-        return model, {"input_ids": ids, "attention_mask": attn}
-    virtual = torch.ones(ids.size(0), config.num_virtual_tokens, dtype=attn.dtype, device=attn.device)
-    attention_mask = torch.cat([virtual, attn], dim=1)
-    if config.peft_type == "PREFIX_TUNING":
-        # The prefix is a pre-filled KV cache; generate skips the input ids it covers, so any id stands in for them.
-        stand_ins = torch.full_like(virtual, ids[0, -1].item())
-        # Transformers renamed `past_key_values` to `cache` during 5.x.
-        key = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
-        inputs = {"input_ids": torch.cat([stand_ins, ids], dim=1), key: model.get_prompt(batch_size=ids.size(0))}
-    else:
-        prompts = model.get_prompt(batch_size=ids.size(0))
-        embeds = model.get_input_embeddings()(ids)
-        inputs = {"inputs_embeds": torch.cat([prompts.to(embeds.dtype), embeds], dim=1)}
-    return model.get_base_model(), {**inputs, "attention_mask": attention_mask}
-
-
-def generate_texts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    batch_size: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> list[str]:
-    """Complete each prompt, left-padded in batches, stopping at EOS or the template's end of turn; greedy unless
-    temperature > 0."""
-    sampling = {"do_sample": False}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
-    model.eval()
-    texts = []
-    for ids, attn, _ in padded_batches(prompts, batch_size, tokenizer.pad_token_id, model.device, left=True):
-        generator, inputs = _generation_inputs(model, ids, attn)
-        out = generator.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop_token_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
-        )
-        # Given input ids, a decoder-only model returns them + the completion; otherwise only the new tokens.
-        given = inputs["input_ids"].size(1) if "input_ids" in inputs and not is_encoder_decoder(model) else 0
-        for row in out[:, given:]:
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
-
-
-def is_encoder_decoder(model: PreTrainedModel) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
-
-
-def complete(
-    target: str,
-    prompt: str,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    raw: bool = False,
-) -> str:
-    """Answer one prompt with a run directory's tuned model or any model reference, formatted as in training."""
-    path = Path(target)
-    system_prompt = None
-    if is_run_dir(path):
-        model, tokenizer = load_tuned(path)
-        model = on_device(model)
-        recipe = load_recipe(path / artifacts.RECIPE_FILE)
-        if recipe.objective.name == "classify":
-            from llmtune.objectives.classify import classify_text
-
-            return classify_text(model, tokenizer, prompt, recipe)
-        if recipe.objective.name == "reward-model":
-            raise LLMTuneError(
-                f"{path} is a reward model: it scores responses and does not generate; `llmtune eval {path}` reports "
-                "its preference accuracy, and a grpo recipe uses it as objective.reward_model"
-            )
-        data = recipe.data
-        use_template = data.chat_template and data.format != "text"
-        system_prompt = data.system_prompt
-    else:
-        tokenizer = load_tokenizer(target)
-        kind = checkpoint_kind(target)
-        model = on_device(load_model(target, kind=kind))
-        # An encoder-decoder reads plain source text, as objective seq2seq trained it.
-        use_template = bool(tokenizer.chat_template) and kind == "causal-lm"
-    if raw or not use_template:
-        sample = Sample(segments=[(prompt, False)])
-    else:
-        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        sample = Sample(messages=[*system, {"role": "user", "content": prompt}])
-    torch.manual_seed(seed)
-    prompt_ids = encode_prompt(sample, tokenizer, is_encoder_decoder(model))
-    [text] = generate_texts(model, tokenizer, [prompt_ids], max_new_tokens, 1, temperature, top_k, top_p)
-    return text

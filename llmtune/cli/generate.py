@@ -21,17 +21,7 @@ def generate(
 
     Example: llmtune generate runs/quickstart "Write the date 5 March 2021 in ISO format."
     """
-    from llmtune.evaluation import complete
+    from llmtune.generation import Sampling, complete
 
-    typer.echo(
-        complete(
-            target,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            raw=raw,
-        )
-    )
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    typer.echo(complete(target, prompt, sampling, raw=raw))

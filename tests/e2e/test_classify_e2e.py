@@ -14,7 +14,8 @@ from helpers import RECIPES, finetune_through_cli, run_cli, write_classify_recip
 
 from llmtune.data import split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.evaluation import complete, evaluate
+from llmtune.evaluation import evaluate
+from llmtune.generation import complete
 from llmtune.merge import merge_adapter
 from llmtune.models import load_base_model, load_tokenizer
 from llmtune.objectives import prepare_data

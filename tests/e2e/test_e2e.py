@@ -32,7 +32,7 @@ from helpers import (
 
 from llmtune import artifacts, metrics
 from llmtune.data import Sample, encode_prompt
-from llmtune.evaluation import complete, generate_texts
+from llmtune.generation import Sampling, complete, generate_texts
 from llmtune.models import load_model, load_tokenizer, load_tuned
 from llmtune.recipe import load_recipe
 
@@ -199,13 +199,13 @@ def test_generate_prints_text_and_sampling_is_seeded(workdir: Path, lora_run: Pa
     assert first.stdout.strip()
     assert first.stdout == second.stdout
     # Sampling really sampled: greedy (what `generate` does without --temperature) says something else.
-    assert first.stdout.strip() != complete(str(lora_run), "Count: ab ab", max_new_tokens=12)
+    assert first.stdout.strip() != complete(str(lora_run), "Count: ab ab", Sampling(max_new_tokens=12))
 
 
 def test_generate_formats_the_prompt_as_eval_did(lora_run: Path, lora_eval):
     # lora_eval wrote the predictions file; greedy generate of the same question must reproduce its answer.
     row = next(r for r in read_jsonl(lora_run / artifacts.PREDICTIONS_FILE) if r["reference"] == "two")
-    assert complete(str(lora_run), "Count: ab ab", max_new_tokens=6) == row["prediction"]["tuned"]
+    assert complete(str(lora_run), "Count: ab ab", Sampling(max_new_tokens=6)) == row["prediction"]["tuned"]
 
 
 # --- in-process: batching and save/reload ----------------------------------------------------------

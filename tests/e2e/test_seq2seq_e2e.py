@@ -15,7 +15,8 @@ from helpers import (
 )
 from transformers import AutoModelForSeq2SeqLM
 
-from llmtune.evaluation import complete, evaluate, generate_texts
+from llmtune.evaluation import evaluate
+from llmtune.generation import Sampling, complete, generate_texts
 from llmtune.merge import merge_adapter
 from llmtune.models import load_tokenizer, load_tuned
 
@@ -51,4 +52,4 @@ def test_finetune_eval_merge_generate_through_cli_and_library(tmp_path: Path):
     # The merged directory through the CLI and the run directory in-process generate what the reloaded model does.
     [expected] = generate_texts(reloaded, tok, [ids[0].tolist()], max_new_tokens=6, batch_size=1)
     text = ok(run_cli("generate", str(merged), "abcd", "--max-new-tokens", "6", cwd=tmp_path)).stdout.strip()
-    assert text == expected == complete(str(run), "abcd", max_new_tokens=6)
+    assert text == expected == complete(str(run), "abcd", Sampling(max_new_tokens=6))

@@ -35,7 +35,8 @@ from helpers import tiny_training as _training
 
 import llmtune.run
 from llmtune import artifacts
-from llmtune.evaluation import complete, evaluate
+from llmtune.evaluation import evaluate
+from llmtune.generation import Sampling, complete
 from llmtune.merge import merge_adapter
 from llmtune.models import load_model, load_tokenizer, load_tuned, parameter_counts
 from llmtune.recipe import load_recipe
@@ -303,7 +304,7 @@ def test_merge_adapter_says_standalone_models_need_no_merge(trained, tmp_path: P
 @pytest.mark.parametrize("case", MAIN_CASES)
 def test_complete_generates_text_for_every_method(trained, case: str):
     t = trained(case)
-    text = complete(str(t.run), "hi", max_new_tokens=4)
+    text = complete(str(t.run), "hi", Sampling(max_new_tokens=4))
     assert isinstance(text, str)
 
 

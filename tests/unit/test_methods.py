@@ -459,7 +459,7 @@ def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
 )
 def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_torch_thread):
     from llmtune.batching import pad_batch
-    from llmtune.evaluation import generate_texts
+    from llmtune.generation import generate_texts
 
     spec = TypeAdapter(MethodSpec).validate_python(method)
     tokenizer = load_tokenizer("tiny:llama")
@@ -530,7 +530,8 @@ def test_prefix_defaults_to_activations_of_vocabulary_tokens(one_torch_thread):
     "method", [{"name": "prefix"}, {"name": "prompt"}, {"name": "p-tuning"}], ids=lambda m: m["name"]
 )
 def test_compare_base_of_virtual_tokens_is_the_untouched_base(method, one_torch_thread):
-    from llmtune.evaluation import _base_of, generate_texts
+    from llmtune.evaluation import _base_of
+    from llmtune.generation import generate_texts
 
     tokenizer = load_tokenizer("tiny:llama")
     torch.manual_seed(0)

@@ -1,0 +1,255 @@
+"""Load a tuned run or any model ready to answer, and complete prompts: what generate, eval, serve and chat share."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmtune import artifacts
+from llmtune.accel import on_device
+from llmtune.artifacts import is_run_dir
+from llmtune.batching import padded_batches
+from llmtune.data import Sample, encode_prompt
+from llmtune.errors import LLMTuneError
+from llmtune.models import checkpoint_kind, load_model, load_tokenizer, load_tuned
+from llmtune.recipe import Recipe, load_recipe
+from llmtune.templates import stop_token_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.generation.streamers import BaseStreamer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is picked and when a completion ends; greedy unless temperature > 0."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()  # texts that end a completion; the completion stops before them
+    seed: int | None = None  # reseeds torch before generating, so one request samples the same text each time
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature <= 0:
+            return {"do_sample": False}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_k": self.top_k or 0,
+            "top_p": self.top_p or 1.0,
+        }
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int  # tokens generated, the stop token included
+    finish_reason: str  # "stop" (a stop token or stop text) or "length" (max_new_tokens reached)
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int,
+    streamer: BaseStreamer | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Completion]:
+    """Complete each prompt, left-padded in batches, stopping at EOS, the template's end of turn or a stop text.
+
+    Args:
+        streamer: a transformers streamer; it receives each step's new tokens for the whole batch.
+        progress: called with the number of prompts finished after each batch.
+    """
+    model.eval()
+    stop_ids = stop_token_ids(tokenizer)
+    kwargs = sampling.generate_kwargs()
+    if sampling.stop:
+        kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    completions = []
+    for ids, attn, _ in padded_batches(prompts, batch_size, tokenizer.pad_token_id, model.device, left=True):
+        generator, inputs = _generation_inputs(model, ids, attn)
+        with torch.no_grad():
+            out = generator.generate(
+                **inputs,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer,
+                **kwargs,
+            )
+        # An encoder-decoder returns its decoder start token + the completion; a decoder-only model given input
+        # ids returns them + the completion; given embeddings (prompt tuning), only the completion.
+        given = 1 if is_encoder_decoder(model) else inputs["input_ids"].size(1) if "input_ids" in inputs else 0
+        completions.extend(_completion(row.tolist(), tokenizer, stop_ids, sampling) for row in out[:, given:])
+        if progress is not None:
+            progress(ids.size(0))
+    return completions
+
+
+def _completion(
+    row: list[int], tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], sampling: Sampling
+) -> Completion:
+    end = next((i for i, t in enumerate(row) if t in stop_ids), None)
+    tokens = row if end is None else row[: end + 1]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+    if cut >= 0:
+        return Completion(text=text[:cut].strip(), tokens=len(tokens), finish_reason="stop")
+    finish = "stop" if end is not None or len(tokens) < sampling.max_new_tokens else "length"
+    return Completion(text=text.strip(), tokens=len(tokens), finish_reason=finish)
+
+
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy completions of each prompt, as evaluation scores them."""
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    return [c.text for c in generate(model, tokenizer, prompts, sampling, batch_size, progress=progress)]
+
+
+def is_encoder_decoder(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def prompt_learning_config(model: PreTrainedModel):
+    """The peft config of prefix, prompt or p-tuning, or None for any other model."""
+    config = getattr(model, "active_peft_config", None)
+    return config if config is not None and config.is_prompt_learning else None
+
+
+def _generation_inputs(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor) -> tuple[PreTrainedModel, dict]:
+    """The model to call `generate` on, and its inputs.
+
+    For prefix, prompt and p-tuning the virtual tokens go in here, and the base model generates: peft's own
+    generation path places them wrongly under transformers 5 (prefix tuning loses its prefix at the first step;
+    prompt tuning decodes every cached token at the wrong position). The attention mask covers the virtual tokens
+    too, so generate numbers positions from it exactly as training did: virtual tokens first, then the prompt,
+    left padding masked and skipped.
+    """
+    config = prompt_learning_config(model)
+    if config is None:
+        return model, {"input_ids": ids, "attention_mask": attn}
+    virtual = torch.ones(ids.size(0), config.num_virtual_tokens, dtype=attn.dtype, device=attn.device)
+    attention_mask = torch.cat([virtual, attn], dim=1)
+    if config.peft_type == "PREFIX_TUNING":
+        # The prefix is a pre-filled KV cache; generate skips the input ids it covers, so any id stands in for them.
+        stand_ins = torch.full_like(virtual, ids[0, -1].item())
+        # Transformers renamed `past_key_values` to `cache` during 5.x.
+        key = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
+        inputs = {"input_ids": torch.cat([stand_ins, ids], dim=1), key: model.get_prompt(batch_size=ids.size(0))}
+    else:
+        prompts = model.get_prompt(batch_size=ids.size(0))
+        embeds = model.get_input_embeddings()(ids)
+        inputs = {"inputs_embeds": torch.cat([prompts.to(embeds.dtype), embeds], dim=1)}
+    return model.get_base_model(), {**inputs, "attention_mask": attention_mask}
+
+
+@dataclass
+class Generator:
+    """A model ready to answer, with its tokenizer, and prompts formatted as its training formatted them."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what clients call it: the run directory's or the model reference's name
+    chat: bool  # prompts go through the chat template (false: plain text, as a text or seq2seq run trained)
+    system_prompt: str | None = None  # the recipe's data.system_prompt, put first when a conversation has none
+    recipe: Recipe | None = None  # the run's recipe; None for a model reference
+
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens the model attends to (prompt + completion), less any virtual tokens; None when unknown."""
+        length = getattr(self.model.config, "max_position_embeddings", None)
+        if length is None:
+            limit = self.tokenizer.model_max_length
+            length = limit if limit < 1_000_000 else None
+        config = prompt_learning_config(self.model)
+        return length - config.num_virtual_tokens if length and config is not None else length
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ending in a user turn, with the generation prompt; without a chat template
+        the turns' contents are joined as plain text."""
+        if not self.chat:
+            return encode_prompt(
+                Sample(segments=[("".join(m["content"] for m in messages), False)]),
+                self.tokenizer,
+                is_encoder_decoder(self.model),
+            )
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return encode_prompt(Sample(messages=messages), self.tokenizer)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, no template applied."""
+        return encode_prompt(Sample(segments=[(text, False)]), self.tokenizer, is_encoder_decoder(self.model))
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        batch_size: int | None = None,
+        streamer: BaseStreamer | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        return generate(
+            self.model, self.tokenizer, prompts, sampling, batch_size or len(prompts) or 1, streamer, progress
+        )
+
+
+def load_generator(target: str | Path, allow_classifier: bool = False) -> Generator:
+    """A run directory's tuned model (adapter applied, no merge) or any model reference, ready to generate.
+
+    Args:
+        allow_classifier: accept a classification run (whose `generate` is a label), for `llmtune generate`.
+    """
+    path = Path(target).expanduser()
+    if is_run_dir(path):
+        recipe = load_recipe(path / artifacts.RECIPE_FILE)
+        kind = recipe.objective.name
+        if kind == "reward-model" or (kind == "classify" and not allow_classifier):
+            what = "a reward model: it scores responses" if kind == "reward-model" else "a classifier: it labels text"
+            raise LLMTuneError(
+                f"{path} is {what} and does not generate; `llmtune eval {path}` reports its scores"
+                + (f" and `llmtune generate {path} TEXT` prints a label" if kind == "classify" else "")
+            )
+        model, tokenizer = load_tuned(path)
+        data = recipe.data
+        chat = bool(tokenizer.chat_template) and data.format != "text" and recipe.objective.model_kind == "causal-lm"
+        return Generator(on_device(model), tokenizer, path.resolve().name, chat, data.system_prompt, recipe)
+    ref = str(target)
+    tokenizer = load_tokenizer(ref)
+    kind = checkpoint_kind(ref)
+    model = on_device(load_model(ref, kind=kind))
+    # An encoder-decoder reads plain source text, as objective seq2seq trained it.
+    chat = bool(tokenizer.chat_template) and kind == "causal-lm"
+    name = path.resolve().name if path.exists() else ref
+    return Generator(model, tokenizer, name, chat)
+
+
+def complete(target: str, prompt: str, sampling: Sampling | None = None, raw: bool = False) -> str:
+    """Answer one prompt with a run directory's tuned model or any model reference, formatted as in training; a
+    classification run gives its label and every label's probability."""
+    generator = load_generator(target, allow_classifier=True)
+    recipe = generator.recipe
+    if recipe is not None and recipe.objective.name == "classify":
+        from llmtune.objectives.classify import classify_text
+
+        return classify_text(generator.model, generator.tokenizer, prompt, recipe)
+    ids = generator.encode_text(prompt) if raw else generator.encode([{"role": "user", "content": prompt}])
+    [completion] = generator.generate([ids], sampling or Sampling())
+    return completion.text

@@ -1,0 +1,72 @@
+"""Completions as generate, serve and chat return them: stop texts, finish reasons, token counts, prompts."""
+
+from __future__ import annotations
+
+import torch
+
+from llmtune.generation import Generator, Sampling, generate
+from llmtune.models import load_model, load_tokenizer
+from llmtune.templates import stop_token_ids
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return load_model("tiny:llama"), load_tokenizer("tiny:llama")
+
+
+def test_length_finish_counts_every_generated_token():
+    model, tok = _tiny()
+    prompt = tok("hello there")["input_ids"]
+    [c] = generate(model, tok, [prompt], Sampling(max_new_tokens=5), batch_size=1)
+    # An untrained model rarely emits EOS in 5 tokens; when it does, the count stops there.
+    assert c.finish_reason in {"length", "stop"}
+    assert (c.tokens == 5) == (c.finish_reason == "length")
+
+
+def test_stop_text_ends_the_completion_before_it():
+    model, tok = _tiny()
+    prompt = tok("hello there")["input_ids"]
+    [free] = generate(model, tok, [prompt], Sampling(max_new_tokens=12), batch_size=1)
+    stop = free.text[3:5]
+    assert stop.strip(), free.text  # the untrained model says something to cut
+    [cut] = generate(model, tok, [prompt], Sampling(max_new_tokens=12, stop=(stop,)), batch_size=1)
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.find(stop)].strip()
+    assert stop not in cut.text
+
+
+def test_stop_token_is_counted_and_ends_the_row_in_a_batch():
+    model, tok = _tiny()
+    eos = stop_token_ids(tok)[0]
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[eos] = 1e4  # every next token is EOS
+    prompts = [tok("a")["input_ids"], tok("a much longer prompt here")["input_ids"]]
+    for c in generate(model, tok, prompts, Sampling(max_new_tokens=6), batch_size=2):
+        assert (c.text, c.tokens, c.finish_reason) == ("", 1, "stop")
+
+
+def test_seeded_sampling_repeats_and_differs_from_another_seed():
+    model, tok = _tiny()
+    prompt = [tok("hello")["input_ids"]]
+    texts = [
+        generate(model, tok, prompt, Sampling(max_new_tokens=16, temperature=1.5, seed=seed), batch_size=1)[0].text
+        for seed in (1, 1, 2)
+    ]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_generator_puts_the_system_prompt_first_unless_the_conversation_has_one():
+    model, tok = _tiny()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    gen = Generator(model, tok, "tiny", chat=True, system_prompt="Be brief.")
+    user = [{"role": "user", "content": "hi"}]
+    assert tok.decode(gen.encode(user)).endswith("<system>Be brief.<user>hi<assistant>")
+    own = [{"role": "system", "content": "Be long."}, *user]
+    assert "Be brief." not in tok.decode(gen.encode(own))
+    plain = Generator(model, tok, "tiny", chat=False)
+    assert tok.decode(plain.encode(user)).endswith("hi")
+    assert gen.context_length == model.config.max_position_embeddings
