@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from llmtune.cli import data, evaluate, finetune, generate, merge, recipes, validate
+from llmtune.cli import data, evaluate, finetune, generate, merge, recipes, serve, validate
 
 app = typer.Typer(
     name="llmtune",
@@ -54,6 +54,7 @@ app.command("merge-adapter")(merge.merge_adapter)
 app.command("generate")(generate.generate)
 app.command("validate")(validate.validate)
 app.command("init")(recipes.init)
+app.command("serve")(serve.serve)
 app.add_typer(data.app, name="data")
 app.add_typer(recipes.app, name="recipes")
 
