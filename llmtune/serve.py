@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ from llmtune.templates import stop_token_ids
 # forgets max_tokens does not hold the worker for thousands of steps.
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_BATCH_SIZE = 16
+_log = logging.getLogger("llmtune.serve")
 
 # OpenAI fields that would change the answer (penalties, tools, log probabilities, JSON mode): accepted only at
 # the value that leaves it as it is, so a client never gets an answer computed without a setting it asked for.
@@ -136,6 +138,13 @@ class _APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = "invalid_request_error" if status < 500 else "server_error"
+
+
+def _failure(e: BaseException) -> _APIError:
+    """An unexpected exception as a one-line 500; the traceback goes to the server's log."""
+    _log.error("request failed", exc_info=e)
+    return _APIError(500, f"{type(e).__name__}: {first_line(e)}")
 
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -188,7 +197,7 @@ class _Job:
     async def result(self) -> list[Completion]:
         kind, value = await self.events.get()
         if kind == "error":
-            raise value
+            raise _failure(value)
         return value
 
 
@@ -395,17 +404,25 @@ def build_app(generator: Generator, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     app.state.batcher = batcher
     created = int(time.time())
 
+    def error_response(e: _APIError) -> JSONResponse:
+        return JSONResponse(_error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
     @app.exception_handler(_APIError)
     async def _refused(_request, e: _APIError):
-        return JSONResponse(_error_body(e.message, "invalid_request_error", e.param, e.code), status_code=e.status)
+        return error_response(e)
 
     @app.exception_handler(HTTPException)
     async def _http(_request, e: HTTPException):
         return JSONResponse(_error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request, e: Exception):
-        return JSONResponse(_error_body(f"{type(e).__name__}: {first_line(e)}", "server_error"), status_code=500)
+    @app.middleware("http")
+    async def _unexpected(request: Request, call_next):
+        # Caught here rather than by an exception handler for Exception, which Starlette answers and then re-raises,
+        # dropping the connection under the client.
+        try:
+            return await call_next(request)
+        except Exception as e:
+            return error_response(_failure(e))
 
     def check_model(request: _Request) -> None:
         if request.model != generator.name:
@@ -450,8 +467,9 @@ def build_app(generator: Generator, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
                 kind, value = await job.events.get()
                 if kind == "delta":
                     yield _sse(chunk(*value, None))
-                elif kind == "error":
-                    yield _sse(_error_body(f"{type(value).__name__}: {first_line(value)}", "server_error"))
+                elif kind == "error":  # the response has begun: the error goes in the stream, as OpenAI sends it
+                    error = _failure(value)
+                    yield _sse(_error_body(error.message, error.kind))
                     break
                 else:
                     for i, completion in enumerate(value):
@@ -559,6 +577,7 @@ def serve(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # clients that connect before uvicorn has started wait in the backlog, not refused
     except OSError as e:
         sock.close()
         raise LLMTuneError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port or --host") from None
