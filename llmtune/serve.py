@@ -572,15 +572,19 @@ def serve(
 
     if max_batch_size < 1:
         raise LLMTuneError(f"--max-batch-size {max_batch_size}: give at least 1")
-    generator = load_generator(target)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
-        sock.listen(128)  # clients that connect before uvicorn has started wait in the backlog, not refused
+        sock.bind((host, port))  # before the model loads, so a taken port fails at once
     except OSError as e:
         sock.close()
         raise LLMTuneError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port or --host") from None
+    try:
+        generator = load_generator(target)
+    except BaseException:
+        sock.close()
+        raise
+    sock.listen(128)  # clients that connect before uvicorn has started wait in the backlog, not refused
     server = uvicorn.Server(uvicorn.Config(build_app(generator, max_batch_size), log_level="warning"))
     announce(f"serving {generator.name} on http://{host}:{port}/v1 (OpenAI-compatible)")
     server.run(sockets=[sock])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -18,8 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import uvicorn
-from helpers import assert_one_line_error, free_port, run_cli
+from helpers import free_port
+from typer.testing import CliRunner
 
+from llmtune.cli.app import app
+from llmtune.errors import LLMTuneError
 from llmtune.generation import Sampling, load_generator
 from llmtune.serve import build_app, settled_text
 
@@ -281,6 +285,21 @@ def test_cli_announces_the_address_and_serves(tmp_path):
         cli.wait(timeout=60)
 
 
-def test_cli_refuses_a_missing_target_in_one_line(tmp_path):
-    result = run_cli("serve", str(tmp_path / "no-such-run"), cwd=tmp_path)
-    assert_one_line_error(result, "no-such-run")
+@pytest.mark.parametrize(
+    "args, fragment", [(["{tmp}/no-such-run"], "no-such-run"), ([MODEL, "--max-batch-size", "0"], "--max-batch-size")]
+)
+def test_cli_refuses_bad_input_in_one_line(tmp_path, args, fragment):
+    # In process: main() prints an LLMTuneError as one line with its exit code; CliRunner hands the error back.
+    result = CliRunner().invoke(app, ["serve", *(a.format(tmp=tmp_path) for a in args)])
+    assert isinstance(result.exception, LLMTuneError) and result.exception.exit_code == 2
+    assert "\n" not in str(result.exception) and fragment in str(result.exception)
+
+
+def test_cli_refuses_a_taken_port_before_loading_the_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "no-such-model-is-loaded", "--port", str(port)])
+    assert isinstance(result.exception, LLMTuneError) and f"127.0.0.1:{port}" in str(result.exception)
+    assert "--port" in str(result.exception)
