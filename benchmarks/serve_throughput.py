@@ -4,7 +4,8 @@ In one run, over one loaded model: the baseline completes the N prompts one afte
 library (`Generator.generate`, no HTTP, no batching); then the server, started in this process on a free port,
 answers the same N requests through the official `openai` client from 1, 4 and 16 client threads. Every request is
 greedy with the same max_tokens, so all sides generate the same tokens. Reports requests/s, generated tokens/s,
-p50 and p90 latency, the batches the server ran, and each side's speed-up over the baseline, with the CPU (lscpu).
+p50 and p90 latency, the batches the server ran, and each side's speed-up over the baseline, with the CPU (lscpu)
+and the load average (the machines are shared).
 
     python benchmarks/serve_throughput.py --requests 32 --max-tokens 32 --out benchmarks/serve_throughput.json
 """
@@ -112,6 +113,7 @@ def main() -> None:
     from llmtune.generation import load_generator
     from llmtune.serve import build_app
 
+    load_before = os.getloadavg()[0]  # the machines are shared: a busy one halves every rate
     generator = load_generator(args.target)
     conversations = prompts(args.requests)
     port = _free_port()
@@ -150,6 +152,7 @@ def main() -> None:
         "cpu": _cpu(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "fastapi", "uvicorn")},
         "target": args.target,
         "requests": args.requests,

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from transformers.generation.streamers import BaseStreamer
 
 from llmtune.errors import LLMTuneError, first_line
 from llmtune.generation import Completion, Generator, Sampling, load_generator
@@ -33,6 +34,7 @@ from llmtune.templates import stop_token_ids
 # forgets max_tokens does not hold the worker for thousands of steps.
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_BATCH_SIZE = 16
+BATCH_WINDOW_S = 0.02  # how long a batch waits for more requests to join it: small beside any generation
 _log = logging.getLogger("llmtune.serve")
 
 # OpenAI fields that would change the answer (penalties, tools, log probabilities, JSON mode): accepted only at
@@ -209,7 +211,7 @@ class _Row:
         self.done = False
 
 
-class _BatchStreamer:
+class _BatchStreamer(BaseStreamer):
     """A transformers streamer for a whole batch: each step's tokens arrive together, one per row.
 
     It sends each streamed row's text as it grows, holding back what the final completion might still change: an
@@ -243,7 +245,7 @@ class _BatchStreamer:
                 row.sent = visible
 
     def end(self) -> None:
-        pass
+        """Nothing to flush: the worker sends each row's rest from its finished completion."""
 
 
 def settled_text(text: str, stop_texts: tuple[str, ...]) -> tuple[str, bool]:
@@ -289,7 +291,8 @@ class Batcher:
         return len(self._queue)
 
     def _take(self) -> list[_Job]:
-        """The oldest job and the waiting ones that sample as it does, up to max_batch_size rows in all.
+        """The oldest job and the ones that sample as it does, waiting or arriving within BATCH_WINDOW_S, up to
+        max_batch_size rows in all.
 
         A seeded job runs alone: its random draws then depend on its own rows only, so it repeats exactly.
         """
@@ -300,13 +303,21 @@ class Batcher:
                 return []
             first = self._queue.popleft()
             batch, rows = [first], len(first.prompts)
-            if first.sampling.seed is None:
+            if first.sampling.seed is not None:
+                return batch
+            # The clients of the batch just answered are sending their next requests: wait a moment for them, or
+            # they miss this batch and the two halves of the load alternate in half-full batches from then on.
+            deadline = time.monotonic() + BATCH_WINDOW_S
+            while True:
                 for job in list(self._queue):
                     if job.sampling == first.sampling and rows + len(job.prompts) <= self.max_batch_size:
                         self._queue.remove(job)
                         batch.append(job)
                         rows += len(job.prompts)
-            return batch
+                left = deadline - time.monotonic()
+                if rows >= self.max_batch_size or left <= 0 or self._stopping:
+                    return batch
+                self._wake.wait(left)
 
     def _work(self) -> None:
         while batch := self._take():
@@ -328,16 +339,17 @@ class Batcher:
             for job in batch:
                 job.post("error", e)
             return
-        start = 0
-        for job in batch:
-            answers = completions[start : start + len(job.prompts)]
-            for i, (row, completion) in enumerate(zip(rows[start:], answers, strict=False)):
-                if row is not None and len(completion.text) > len(row.sent):
-                    job.post("delta", (i, completion.text[len(row.sent) :]))
-            job.post("done", answers)
-            start += len(job.prompts)
+        # Counted before anyone is answered, so a client that asks /health next sees its own request.
         self.batches += 1
         self.requests += len(batch)
+        start = 0
+        for job in batch:
+            end = start + len(job.prompts)
+            for i, (row, completion) in enumerate(zip(rows[start:end], completions[start:end], strict=True)):
+                if row is not None and len(completion.text) > len(row.sent):
+                    job.post("delta", (i, completion.text[len(row.sent) :]))
+            job.post("done", completions[start:end])
+            start = end
 
 
 # --- the HTTP side ---------------------------------------------------------------------------------
