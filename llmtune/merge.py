@@ -19,9 +19,6 @@ from llmtune.report import MODEL_CARD_FILE, model_card, read_json
 _FALLBACK_PROBES = ["The quick brown fox jumps over the lazy dog.", "Hello! How are you today?"]
 
 
-_DESCRIBED = {"prefix": "prefix tuning", "prompt": "prompt tuning", "p-tuning": "p-tuning"}
-
-
 @dataclass
 class MergeResult:
     out: Path
@@ -35,19 +32,8 @@ def merge_adapter(run_path: Path, out: Path, tolerance: float = 1e-3, overwrite:
     recipe = run.recipe()
     spec = recipe.method
     method = spec.name
-    if method == "adapter":
-        raise LLMTuneError(
-            f"{run_path}: bottleneck adapters are extra layers with a non-linearity between their projections, "
-            "not a linear change to any weight, so there is nothing to merge into the base; serve the run "
-            f"directory itself: llmtune generate {run_path} '...' / llmtune eval {run_path} (both re-insert the "
-            f"adapters from {run.adapter} into the base model)"
-        )
-    if spec.virtual_tokens:
-        raise LLMTuneError(
-            f"{run_path}: {_DESCRIBED[method]} learns virtual tokens fed in front of every input, not a change to "
-            f"any weight, so there is nothing to merge; serve the run directory itself: llmtune generate "
-            f"{run_path} '...' / llmtune eval {run_path} (or peft's PeftModel.from_pretrained on {run.adapter})"
-        )
+    if (refusal := spec.merge_refusal(str(run_path))) is not None:
+        raise LLMTuneError(f"{run_path}: {refusal}")
     if not run.adapter.is_dir():
         raise LLMTuneError(
             f"{run_path}: method {method!r} trained the weights themselves; "
