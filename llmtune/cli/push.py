@@ -26,8 +26,9 @@ def push(
     total = sum(size for _, size in result.files)
     if result.url is None:
         typer.echo(f"would upload {len(result.files)} files ({_size(total)}) to {result.repo_id}:")
+        width = max(len(f"{size:,}") for _, size in result.files)
         for name, size in result.files:
-            typer.echo(f"  {name}  {_size(size)}")
+            typer.echo(f"  {size:>{width},} bytes  {name}")
     else:
         typer.echo(f"pushed {len(result.files)} files ({_size(total)}) to {result.repo_id}: {result.url}")
 
