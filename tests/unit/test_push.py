@@ -5,10 +5,9 @@ test knows every file that must go up and every file that must stay local."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from helpers import assert_one_line_error, expect_error, ok, run_cli, write_tiny_recipe
+from helpers import FakeHub, assert_one_line_error, expect_error, fake_hub, ok, run_cli, write_tiny_recipe
 
 import llmtune.push
 from llmtune import artifacts
@@ -101,30 +100,9 @@ def test_unfinished_run_checkpoint_and_other_directories_are_refused(lora_run: P
         files_to_push(lora_run)
 
 
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi and records what push sends it."""
-
-    calls: list[tuple[str, dict]] = []
-
-    def __init__(self, token=None):
-        self.calls.append(("init", {"token": token}))
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        self.calls.append(("create_commit", {"repo_id": repo_id, "files": files, **kwargs}))
-        return SimpleNamespace(commit_url=f"https://hub.test/{repo_id}/commit/1")
-
-
 @pytest.fixture
 def hub(monkeypatch) -> list[tuple[str, dict]]:
-    FakeHub.calls = []
-    monkeypatch.setattr(llmtune.push, "HfApi", FakeHub)
-    monkeypatch.setattr(llmtune.push, "hub_reachable", lambda: True)
-    monkeypatch.setattr(llmtune.push.constants, "HF_HUB_OFFLINE", False)
-    return FakeHub.calls
+    return fake_hub(monkeypatch)
 
 
 def test_fake_hub_receives_exactly_the_files_private_flag_and_model_type(lora_run: Path, hub):
