@@ -214,3 +214,13 @@ def test_push_to_hub_is_checked_at_load(tmp_path: Path, push_to_hub: dict, metho
 def test_merged_push_is_accepted_where_there_is_a_standalone_model_to_upload(tmp_path: Path, method: str):
     path = write_tiny_recipe(tmp_path, method={"name": method}, output={"push_to_hub": {"repo_id": "me/x", "merged": True}})
     assert load_recipe(path).output.push_to_hub.merged
+
+
+@pytest.mark.parametrize("model, named", [("HuggingFaceTB/SmolLM2-135M", True), ("tiny:llama", False), ("local", False)])
+def test_model_card_names_a_base_model_only_when_it_is_a_hub_repository(tmp_path: Path, model: str, named: bool):
+    from llmtune.report import model_card
+
+    (tmp_path / "local").mkdir()
+    recipe = load_recipe(write_tiny_recipe(tmp_path, model=model))
+    # The Hub validates the card's metadata and refuses an upload whose base_model is not a model id.
+    assert (f"base_model: {recipe.model}\n" in model_card(recipe, {}, {}, merged=False)) is named
