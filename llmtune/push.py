@@ -144,7 +144,9 @@ def _upload(pairs: list[tuple[Path, str]], repo_id: str, private: bool, token: s
         "; check the network (and HF_ENDPOINT) and push again"
     )
     if constants.HF_HUB_OFFLINE:
-        raise LLMTuneError(f"push to {repo_id}: HF_HUB_OFFLINE is set, so the Hub is not contacted; unset it and push again")
+        raise LLMTuneError(
+            f"push to {repo_id}: HF_HUB_OFFLINE is set, so the Hub is not contacted; unset it and push again"
+        )
     # huggingface_hub's HTTP client has no timeout of its own: an unreachable host would hang, not fail.
     if not hub_reachable():
         raise LLMTuneError(unreachable)
@@ -176,4 +178,6 @@ def _files(directory: Path, recursive: bool = False) -> list[Path]:
     if not directory.is_dir():
         return []
     found = directory.rglob("*") if recursive else directory.iterdir()
-    return sorted(p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(directory).parts))
+    return sorted(
+        p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(directory).parts)
+    )

@@ -14,13 +14,25 @@ from llmtune import artifacts
 from llmtune.push import files_to_push, push
 
 REPO_ID = "me/tiny-lora"
+# What tiny:llama's tokenizer saves, then the model card, the resolved recipe and the metrics (no eval.json: the
+# run is not evaluated).
+TOKENIZER_AND_RECORDS = [
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "README.md",
+    "recipe.yaml",
+    "metrics.json",
+]
 
 
 @pytest.fixture(scope="module")
 def failed_push(tmp_path_factory):
     """`llmtune finetune` of a tiny LoRA recipe whose push_to_hub points at a closed port: (run dir, the result)."""
     root = tmp_path_factory.mktemp("push")
-    recipe = write_tiny_recipe(root, "lora", output={"dir": str(root / "runs" / "lora"), "push_to_hub": {"repo_id": REPO_ID}})
+    recipe = write_tiny_recipe(
+        root, "lora", output={"dir": str(root / "runs" / "lora"), "push_to_hub": {"repo_id": REPO_ID}}
+    )
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
     return root / "runs" / "lora", run_cli("finetune", str(recipe), cwd=root, env=env)
 
@@ -40,18 +52,8 @@ def test_failed_push_keeps_the_run_complete_and_prints_the_retry(failed_push):
 
 def test_a_real_lora_run_uploads_exactly_these_files(failed_push):
     run, _ = failed_push
-    assert sorted(name for _, name in files_to_push(run)) == sorted(
-        [
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "chat_template.jinja",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "README.md",
-            "recipe.yaml",
-            "metrics.json",
-        ]
-    )
+    expected = ["adapter_config.json", "adapter_model.safetensors", *TOKENIZER_AND_RECORDS]
+    assert sorted(name for _, name in files_to_push(run)) == sorted(expected)
 
 
 def test_merged_retry_uploads_a_standalone_model_with_the_runs_records(failed_push, monkeypatch, tmp_path: Path):
@@ -64,17 +66,7 @@ def test_merged_retry_uploads_a_standalone_model_with_the_runs_records(failed_pu
     result = push(run, REPO_ID, private=True, merged=True, token="hf_test")
     files = calls[-1][1]["files"]
     assert sorted(files) == sorted(
-        [
-            "config.json",
-            "generation_config.json",
-            "model.safetensors",
-            "chat_template.jinja",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "README.md",
-            "recipe.yaml",
-            "metrics.json",
-        ]
+        ["config.json", "generation_config.json", "model.safetensors", *TOKENIZER_AND_RECORDS]
     )
     assert sorted(result.files) == sorted((name, len(data)) for name, data in files.items())
     assert "library_name: transformers" in files["README.md"].decode()  # the merged model's card, not the adapter's

@@ -212,11 +212,15 @@ def test_push_to_hub_is_checked_at_load(tmp_path: Path, push_to_hub: dict, metho
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "full"])
 def test_merged_push_is_accepted_where_there_is_a_standalone_model_to_upload(tmp_path: Path, method: str):
-    path = write_tiny_recipe(tmp_path, method={"name": method}, output={"push_to_hub": {"repo_id": "me/x", "merged": True}})
+    path = write_tiny_recipe(
+        tmp_path, method={"name": method}, output={"push_to_hub": {"repo_id": "me/x", "merged": True}}
+    )
     assert load_recipe(path).output.push_to_hub.merged
 
 
-@pytest.mark.parametrize("model, named", [("HuggingFaceTB/SmolLM2-135M", True), ("tiny:llama", False), ("local", False)])
+@pytest.mark.parametrize(
+    "model, named", [("HuggingFaceTB/SmolLM2-135M", True), ("tiny:llama", False), ("local", False)]
+)
 def test_model_card_names_a_base_model_only_when_it_is_a_hub_repository(tmp_path: Path, model: str, named: bool):
     from llmtune.report import model_card
 
