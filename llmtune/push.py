@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +94,11 @@ def push(
     except ValueError as e:
         raise LLMTuneError(f"{first_line(e)}; usage: llmtune push TARGET OWNER/NAME") from None
     run = _merge_source(target) if merged else None
+    # A bad target, a missing token and an unreachable Hub are all refused before a merge that can take minutes.
+    own = files_to_push(target) if run is None else None
     if not dry_run:
-        token = token or get_token()
-        if not token:
-            raise LLMTuneError(f"push to {repo_id}: no Hugging Face token; {LOGIN_HINT}")
-    with _staged(target, run) as pairs:
+        token = _hub_ready(repo_id, token)
+    with _merged(target, run) if run is not None else nullcontext(own) as pairs:
         files = [(name, local.stat().st_size) for local, name in pairs]
         if dry_run:
             return PushResult(repo_id=repo_id, url=None, files=files, private=private)
@@ -121,11 +121,8 @@ def _merge_source(target: Path) -> RunDir | None:
 
 
 @contextmanager
-def _staged(target: Path, run: RunDir | None) -> Iterator[list[tuple[Path, str]]]:
-    """What to upload: the target's own files, or a run merged into a temporary directory with the run's records."""
-    if run is None:
-        yield files_to_push(target)
-        return
+def _merged(target: Path, run: RunDir) -> Iterator[list[tuple[Path, str]]]:
+    """The run merged into a temporary directory, with the run's records beside the merged model."""
     from llmtune.merge import merge_adapter
 
     with tempfile.TemporaryDirectory(prefix="llmtune-push-") as tmp:
@@ -137,19 +134,25 @@ def _staged(target: Path, run: RunDir | None) -> Iterator[list[tuple[Path, str]]
         yield pairs
 
 
-def _upload(pairs: list[tuple[Path, str]], repo_id: str, private: bool, token: str) -> str:
+def _unreachable(repo_id: str) -> str:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    unreachable = (
-        f"push to {repo_id}: could not reach the Hugging Face Hub at {endpoint}"
-        "; check the network (and HF_ENDPOINT) and push again"
-    )
+    return f"push to {repo_id}: could not reach the Hugging Face Hub at {endpoint}; check the network (and HF_ENDPOINT)"
+
+
+def _hub_ready(repo_id: str, token: str | None) -> str:
+    """The token to upload with, once the Hub is known to answer; else a one-line error, within seconds."""
+    token = token or get_token()
+    if not token:
+        raise LLMTuneError(f"push to {repo_id}: no Hugging Face token; {LOGIN_HINT}")
     if constants.HF_HUB_OFFLINE:
-        raise LLMTuneError(
-            f"push to {repo_id}: HF_HUB_OFFLINE is set, so the Hub is not contacted; unset it and push again"
-        )
+        raise LLMTuneError(f"push to {repo_id}: HF_HUB_OFFLINE is set, so the Hub is not contacted; unset it")
     # huggingface_hub's HTTP client has no timeout of its own: an unreachable host would hang, not fail.
     if not hub_reachable():
-        raise LLMTuneError(unreachable)
+        raise LLMTuneError(_unreachable(repo_id))
+    return token
+
+
+def _upload(pairs: list[tuple[Path, str]], repo_id: str, private: bool, token: str) -> str:
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
@@ -160,7 +163,7 @@ def _upload(pairs: list[tuple[Path, str]], repo_id: str, private: bool, token: s
     except HfHubHTTPError as e:
         raise LLMTuneError(_refusal(e, repo_id)) from None
     except (HTTPError, OSError) as e:  # the connection failed after the probe succeeded
-        raise LLMTuneError(f"{unreachable} ({first_line(e)})") from None
+        raise LLMTuneError(f"{_unreachable(repo_id)} ({first_line(e)})") from None
     return commit.commit_url
 
 

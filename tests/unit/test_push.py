@@ -228,3 +228,16 @@ def test_model_card_names_a_base_model_only_when_it_is_a_hub_repository(tmp_path
     recipe = load_recipe(write_tiny_recipe(tmp_path, model=model))
     # The Hub validates the card's metadata and refuses an upload whose base_model is not a model id.
     assert (f"base_model: {recipe.model}\n" in model_card(recipe, {}, {}, merged=False)) is named
+
+
+def test_merged_push_checks_token_and_hub_before_merging(lora_run: Path, hub, monkeypatch):
+    import llmtune.merge
+
+    monkeypatch.setattr(llmtune.merge, "merge_adapter", lambda *a, **k: pytest.fail("merged before the checks"))
+    monkeypatch.setattr(llmtune.push, "get_token", lambda: None)
+    with expect_error("no Hugging Face token"):
+        push(lora_run, "me/x", merged=True)
+    monkeypatch.setattr(llmtune.push, "hub_reachable", lambda: False)
+    with expect_error("me/x", "could not reach the Hugging Face Hub"):
+        push(lora_run, "me/x", merged=True, token="hf_test")
+    assert hub == []
