@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from llmtune.cli import data, evaluate, finetune, generate, merge, push, recipes, validate
+from llmtune.cli import data, evaluate, finetune, generate, merge, push, recipes, serve, validate
 
 app = typer.Typer(
     name="llmtune",
@@ -55,6 +55,7 @@ app.command("generate")(generate.generate)
 app.command("push")(push.push)
 app.command("validate")(validate.validate)
 app.command("init")(recipes.init)
+app.command("serve")(serve.serve)
 app.add_typer(data.app, name="data")
 app.add_typer(recipes.app, name="recipes")
 
