@@ -51,8 +51,6 @@ QUANTS = tuple(TOLERANCES)
 # change a near-tie between two tokens, which the logit tolerance bounds instead.
 GREEDY_QUANTS = ("f32", "f16")
 GREEDY_TOKENS = 16
-# llama.cpp's k-quants and i-quants are made by its C++ `llama-quantize`; the gguf package cannot write them.
-_CPP_ONLY = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q3_k_m", "iq4_xs")
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class ExportResult:
     quant: str
     max_abs_diff: float  # exported file vs merged model, logits on the probes
     tolerance: float
-    greedy_equal: bool | None  # None where greedy equality is not required (block quantizations)
+    greedy_equal: bool  # greedy completions equal the merged model's (required for GREEDY_QUANTS only)
     probes: int
     size_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)  # merge, write, verify
@@ -105,7 +103,7 @@ def _name(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.exists():
         return path.resolve().name
-    return ref.replace(":", "-").rstrip("/").rsplit("/", 1)[-1]
+    return ref.removeprefix("builtin:").replace(":", "-").rstrip("/").rsplit("/", 1)[-1]
 
 
 def export_gguf(
@@ -156,9 +154,10 @@ def export_gguf(
         start = time.perf_counter()
         diff, greedy, probes = _verify(source, tmp, quant, tolerance)
         seconds["verify"] = time.perf_counter() - start
-        greedy_note = "" if greedy is None else f", greedy {GREEDY_TOKENS}-token completions equal"
+        greedy_note = "equal" if greedy else f"differ (allowed for {quant})"
         progress(
-            f"verify: max |logit diff| {diff:.3g} on {probes} probes (tolerance {tolerance:g}){greedy_note}, "
+            f"verify: max |logit diff| {diff:.3g} on {probes} probes (tolerance {tolerance:g}), greedy "
+            f"{GREEDY_TOKENS}-token completions {greedy_note}, "
             f"tokenizer ids equal, in {seconds['verify']:.1f}s"
         )
         make_readable(tmp)
@@ -179,7 +178,7 @@ def _check_quant(quant: str) -> str:
     why = (
         "k-quants and i-quants are written by llama.cpp's llama-quantize, not by the gguf package's numpy "
         "quantizers; export q8_0 or f16 and run llama-quantize on it"
-        if q in _CPP_ONLY or q.startswith(("iq", "q2", "q3", "q6")) or "_k" in q
+        if "_k" in q or q.startswith(("iq", "tq"))  # llama.cpp's k-, i- and ternary quants
         else "unknown quantization"
     )
     raise LLMTuneError(f"--quant {quant}: {why}; supported: {', '.join(QUANTS)}")
@@ -377,14 +376,19 @@ def _write_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, rows: int) -> N
     ):
         if token is not None:
             add(token)
-    with_bos = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(with_bos) and with_bos[0] == tokenizer.bos_token_id)
+    writer.add_add_bos_token(adds_bos(tokenizer))
     writer.add_add_eos_token(False)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
         turn = end_of_turn(tokenizer)
         if turn and turn != tokenizer.eos_token and turn in vocab:
             writer.add_eot_token_id(vocab[turn])
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether encoding text puts BOS first: llama.cpp then prepends it to every prompt itself."""
+    with_bos = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(with_bos) and with_bos[0] == tokenizer.bos_token_id
 
 
 def _pre_tokenizer(pre: dict | None) -> str | None:
@@ -410,7 +414,7 @@ def _pre_tokenizer(pre: dict | None) -> str | None:
 # --- verification ------------------------------------------------------------------------------------
 
 
-def _verify(source: _Source, path: Path, quant: str, tolerance: float) -> tuple[float, bool | None, int]:
+def _verify(source: _Source, path: Path, quant: str, tolerance: float) -> tuple[float, bool, int]:
     """Read the file back with transformers' GGUF reader and compare it with the merged model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -443,21 +447,19 @@ def _verify(source: _Source, path: Path, quant: str, tolerance: float) -> tuple[
             f"export check failed: {quant} logits differ from the merged model's by {diff:.3g} on the probes "
             f"(tolerance {tolerance:g}); nothing written"
         )
-    greedy = None
-    if quant in GREEDY_QUANTS:
-        from llmtune.generation import Sampling, generate
+    from llmtune.generation import Sampling, generate
 
-        encoded = [encode_prompt(s, tokenizer) for s in prompts]
-        sampling = Sampling(max_new_tokens=GREEDY_TOKENS)
-        want = generate(model, tokenizer, encoded, sampling, len(encoded))
-        got = generate(exported, tokenizer, encoded, sampling, len(encoded))
-        greedy = [(c.text, c.tokens) for c in got] == [(c.text, c.tokens) for c in want]
-        if not greedy:
-            bad = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-            raise LLMTuneError(
-                f"export check failed: {quant} greedy completion of probe {bad} differs from the merged model's "
-                f"({got[bad].text!r} vs {want[bad].text!r}); nothing written"
-            )
+    encoded = [encode_prompt(s, tokenizer) for s in prompts]
+    sampling = Sampling(max_new_tokens=GREEDY_TOKENS)
+    want = generate(model, tokenizer, encoded, sampling, len(encoded))
+    got = generate(exported, tokenizer, encoded, sampling, len(encoded))
+    greedy = [(c.text, c.tokens) for c in got] == [(c.text, c.tokens) for c in want]
+    if not greedy and quant in GREEDY_QUANTS:
+        bad = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+        raise LLMTuneError(
+            f"export check failed: {quant} greedy completion of probe {bad} differs from the merged model's "
+            f"({got[bad].text!r} vs {want[bad].text!r}); nothing written"
+        )
     return diff, greedy, len(ids)
 
 
