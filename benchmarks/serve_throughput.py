@@ -157,7 +157,9 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "results": results,
         "speedup_vs_sequential": {
-            side: round(r["requests_per_s"] / baseline, 2) for side, r in results.items() if side != "sequential_library"
+            side: round(r["requests_per_s"] / baseline, 2)
+            for side, r in results.items()
+            if side != "sequential_library"
         },
     }
     text = json.dumps(report, indent=2)
