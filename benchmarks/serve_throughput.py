@@ -115,9 +115,7 @@ def main() -> None:
     generator = load_generator(args.target)
     conversations = prompts(args.requests)
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(generator, args.max_batch_size), port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(build_app(generator, args.max_batch_size), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
