@@ -117,9 +117,7 @@ def main() -> None:
     generator = load_generator(args.target)
     conversations = prompts(args.requests)
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(generator, args.max_batch_size), port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(build_app(generator, args.max_batch_size), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -160,7 +158,9 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "results": results,
         "speedup_vs_sequential": {
-            side: round(r["requests_per_s"] / baseline, 2) for side, r in results.items() if side != "sequential_library"
+            side: round(r["requests_per_s"] / baseline, 2)
+            for side, r in results.items()
+            if side != "sequential_library"
         },
     }
     text = json.dumps(report, indent=2)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmtune import artifacts, metrics
+from llmtune import artifacts, metrics, progress
 from llmtune.accel import on_device
 from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.batching import padded_batches
@@ -78,12 +78,14 @@ def evaluate(
         compare_base = True  # a distilled student is always shown beside its untrained self and its teacher
 
     results, generations = {}, {}
-    results[label], generations[label] = score_model(model, tokenizer, samples, recipe, teacher)
+    with progress.scoring(label):
+        results[label], generations[label] = score_model(model, tokenizer, samples, recipe, teacher)
     if compare_base:
-        with _base_of(model, recipe, tokenizer) as base:
+        with _base_of(model, recipe, tokenizer) as base, progress.scoring("base"):
             results["base"], generations["base"] = score_model(base, tokenizer, samples, recipe, teacher)
     if teacher is not None:
-        results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
+        with progress.scoring("teacher"):
+            results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
 
     notes = []
     if "base" in results and recipe.objective.model_kind == "sequence-classification":
@@ -197,7 +199,10 @@ def score_responses(
         return results, None
     prompts = [encode_prompt(p, tokenizer, is_encoder_decoder(model)) for p, _ in pairs]
     references = [r for _, r in pairs]
-    predictions = generate_texts(model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    with progress.rows(len(prompts), "generate") as advance:
+        predictions = generate_texts(
+            model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size, progress=advance
+        )
     if "bleu" in wanted:
         results["bleu"] = metrics.bleu(predictions, references)
     if "rouge" in wanted:
@@ -217,20 +222,22 @@ def sequence_logps(
 ) -> tuple[list[float], list[int]]:
     """Per row: the summed log-probability of its labels that are not -100, and how many there are."""
     logps, counts = [], []
-    for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
-        if is_encoder_decoder(model):
-            # The decoder reads the labels shifted right behind its start token; logit t predicts label t.
-            logits = model(input_ids=ids, attention_mask=attn, labels=lab).logits.float()
-            targets = lab
-        else:
-            # Prompt tuning returns logits for its virtual tokens too; they come first.
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :][:, :-1].float()
-            targets = lab[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        logps.extend((-nll.sum(dim=1)).tolist())
-        counts.extend((targets != IGNORE_INDEX).sum(dim=1).tolist())
+    with progress.rows(len(input_ids), "score") as advance:
+        for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
+            if is_encoder_decoder(model):
+                # The decoder reads the labels shifted right behind its start token; logit t predicts label t.
+                logits = model(input_ids=ids, attention_mask=attn, labels=lab).logits.float()
+                targets = lab
+            else:
+                # Prompt tuning returns logits for its virtual tokens too; they come first.
+                logits = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :][:, :-1].float()
+                targets = lab[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            logps.extend((-nll.sum(dim=1)).tolist())
+            counts.extend((targets != IGNORE_INDEX).sum(dim=1).tolist())
+            advance(ids.size(0))
     return logps, counts
 
 
@@ -260,11 +267,13 @@ def teacher_kl(
 ) -> float:
     """Mean forward KL(teacher || model) at temperature 1 over the tokens that carry loss (nats per token)."""
     total, count = 0.0, 0
-    for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
-        student = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :, :].float().log_softmax(-1)
-        reference = teacher(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
-        per_token = (reference.exp() * (reference - student)).sum(-1)[:, :-1]
-        mask = lab[:, 1:] != IGNORE_INDEX
-        total += per_token[mask].sum().item()
-        count += int(mask.sum())
+    with progress.rows(len(input_ids), "teacher KL") as advance:
+        for ids, attn, lab in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device, labels):
+            student = model(input_ids=ids, attention_mask=attn).logits[:, -ids.size(1) :, :].float().log_softmax(-1)
+            reference = teacher(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
+            per_token = (reference.exp() * (reference - student)).sum(-1)[:, :-1]
+            mask = lab[:, 1:] != IGNORE_INDEX
+            total += per_token[mask].sum().item()
+            count += int(mask.sum())
+            advance(ids.size(0))
     return total / max(count, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,3 +254,142 @@ def complete(target: str, prompt: str, sampling: Sampling | None = None, raw: bo
     ids = generator.encode_text(prompt) if raw else generator.encode([{"role": "user", "content": prompt}])
     [completion] = generator.generate([ids], sampling or Sampling())
     return completion.text
+
+
+# --- a file of prompts: `llmtune generate TARGET --input prompts.jsonl --output out.jsonl` ---------------------
+
+# What each output row adds to its input row. Not "completion": that is the reference column of prompt/completion
+# data, which users run through generate to compare; evaluation's predictions file says "prediction" too.
+OUTPUT_KEYS = ("prediction", "finish_reason", "tokens")
+
+
+@dataclass
+class FileReport:
+    output: Path
+    rows: int  # rows in the input file
+    resumed: int  # rows already in the output when this run started
+    written: int  # rows this run wrote
+
+
+def generate_file(
+    target: str,
+    input_path: Path,
+    output: Path,
+    sampling: Sampling,
+    batch_size: int = 8,
+    raw: bool = False,
+    overwrite: bool = False,
+) -> FileReport:
+    """Complete every row of a file of prompts into a JSONL file: each input row plus OUTPUT_KEYS, in input order.
+
+    Each row is written whole and flushed as its batch finishes, so an interrupted run loses at most the batch in
+    flight; a rerun checks that the rows already written belong to this input and continues after them.
+
+    Args:
+        raw: give `prompt` rows to the model as they are, without the chat template (`messages` rows always use it).
+        overwrite: start the output over instead of continuing it.
+    """
+    from llmtune import progress
+
+    rows = read_prompt_rows(input_path)
+    if output.resolve() == input_path.resolve():
+        raise LLMTuneError(f"{output}: --output is the input file; write the completions to another file")
+    done, offset = (0, 0) if overwrite else _resume_point(output, input_path, rows)
+    if done == len(rows):
+        return FileReport(output, len(rows), done, 0)
+    generator = load_generator(target)
+    prompts = [_encode_row(generator, row, raw) for row in rows[done:]]
+    _check_fits(generator, prompts, sampling, input_path, done)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("r+b" if offset else "wb") as f, progress.bar(len(rows), generator.name, initial=done) as advance:
+        f.truncate(offset)  # drops a line cut off mid-write
+        f.seek(offset)
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            for i, completion in enumerate(generator.generate(batch, sampling, batch_size), done + start):
+                line = {**rows[i], "prediction": completion.text}
+                line.update(finish_reason=completion.finish_reason, tokens=completion.tokens)
+                # One whole line per write, flushed, so a killed run leaves whole rows (and at worst one cut-off
+                # line, if the kernel cut the write, which the next run drops).
+                f.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
+                f.flush()
+            advance(len(batch))
+    return FileReport(output, len(rows), done, len(rows) - done)
+
+
+def read_prompt_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL prompts file, each checked to hold one `prompt` string or one `messages` conversation
+    that ends in a user turn."""
+    from llmtune.data import load_rows
+
+    if path.suffix.lower() != ".jsonl":
+        raise LLMTuneError(f"{path}: --input must be a JSONL file, one {{'prompt': ...}} or {{'messages': ...}} a line")
+    if not path.is_file():
+        raise LLMTuneError(f"{path}: prompts file not found")
+    rows = list(load_rows(str(path)))
+    if not rows:
+        raise LLMTuneError(f"{path}: no rows; each line needs a 'prompt' string or a 'messages' list")
+    for number, row in enumerate(rows, 1):
+        where = f"{path} row {number}"
+        given = [key for key in ("prompt", "messages") if key in row]
+        if len(given) != 1:
+            raise LLMTuneError(f"{where}: needs exactly one of 'prompt' (a string) or 'messages' (a list); has {given}")
+        if "prompt" in row and (not isinstance(row["prompt"], str) or not row["prompt"].strip()):
+            raise LLMTuneError(f"{where}: 'prompt' must be a non-empty string")
+        if "messages" in row and _conversation(row, where)[-1]["role"] != "user":
+            raise LLMTuneError(f"{where}: 'messages' must end with a user message for the model to answer")
+        taken = [key for key in OUTPUT_KEYS if key in row]
+        if taken:
+            raise LLMTuneError(f"{where}: has {taken[0]!r}, which generate writes; rename that column")
+    return rows
+
+
+def _conversation(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A row's messages as {role, content}, read as training data reads them (ShareGPT's from/value too)."""
+    from llmtune.data import _messages
+
+    return [{"role": m["role"], "content": m["content"]} for m in _messages(row["messages"], where, "messages", False)]
+
+
+def _encode_row(generator: Generator, row: dict[str, Any], raw: bool) -> list[int]:
+    if "messages" in row:
+        return generator.encode(_conversation(row, "messages"))
+    if raw:
+        return generator.encode_text(row["prompt"])
+    return generator.encode([{"role": "user", "content": row["prompt"]}])
+
+
+def _check_fits(generator: Generator, prompts: list[list[int]], sampling: Sampling, source: Path, first: int) -> None:
+    limit = generator.context_length
+    for number, ids in enumerate(prompts, first + 1):
+        if limit is not None and len(ids) + sampling.max_new_tokens > limit:
+            raise LLMTuneError(
+                f"{source} row {number}: the prompt is {len(ids)} tokens; with --max-new-tokens "
+                f"{sampling.max_new_tokens} that exceeds {generator.name}'s context of {limit} tokens"
+            )
+
+
+def _resume_point(output: Path, source: Path, rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """How many rows the output already holds for this input, and the byte offset after them; a line cut off
+    mid-write (no newline at its end) does not count."""
+    if not output.is_file():
+        return 0, 0
+    data = output.read_bytes()
+    offset = data.rfind(b"\n") + 1
+    written = data[:offset].splitlines()
+    if len(written) > len(rows):
+        raise LLMTuneError(
+            f"{output} has {len(written)} rows, more than the {len(rows)} of {source}: it belongs to another input; "
+            "pass --overwrite to start over or choose another --output"
+        )
+    for number, line in enumerate(written, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or {k: v for k, v in row.items() if k not in OUTPUT_KEYS} != rows[number - 1]:
+            raise LLMTuneError(
+                f"{output} row {number} is not {source} row {number} with its prediction: the output belongs to "
+                "another input; pass --overwrite to start over or choose another --output"
+            )
+    return len(written), offset

@@ -13,6 +13,8 @@ from typing import Any
 from llmtune import artifacts
 from llmtune.artifacts import RunDir
 from llmtune.recipe import Recipe, dump_recipe
+from llmtune.recipe.models import is_gguf_ref
+from llmtune.recipe.training import check_repo_id
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
@@ -41,7 +43,7 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], evaluation: dict[str, An
         )
     lines = [
         "---",
-        f"base_model: {recipe.model}",
+        *([f"base_model: {recipe.model}"] if _is_hub_id(recipe.model) else []),
         "library_name: transformers" if merged else "library_name: peft",
         "tags: [llmtune, " + recipe.method.name + ", " + recipe.objective.name + "]",
         "---",
@@ -72,6 +74,18 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], evaluation: dict[str, An
         "```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _is_hub_id(ref: str) -> bool:
+    """Whether a model reference names a Hub repository: the Hub refuses a card whose base_model is anything else
+    (a local path, builtin:, tiny:), and would then refuse the whole upload."""
+    if ref.startswith(("builtin:", "tiny:")) or is_gguf_ref(ref) or Path(ref).exists():
+        return False
+    try:
+        check_repo_id(ref)
+    except ValueError:
+        return False
+    return True
 
 
 def _saved_as(recipe: Recipe) -> str:

@@ -16,12 +16,12 @@ from typing import Any
 from llmtune import accel, artifacts
 from llmtune.artifacts import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunDir, complete_checkpoints
 from llmtune.data import prepare_tokenizer
-from llmtune.errors import LLMTuneError
+from llmtune.errors import LLMTuneError, first_line
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_recipe_tokenizer, parameter_counts
 from llmtune.objectives import OBJECTIVES, prepare_data
 from llmtune.objectives.base import check_engines
-from llmtune.recipe import OutputSpec, Recipe, dump_recipe, load_recipe
+from llmtune.recipe import PushSpec, Recipe, dump_recipe, load_recipe
 from llmtune.report import write_run_report
 from llmtune.templates import TEMPLATES
 from llmtune.training import (
@@ -57,7 +57,7 @@ def finetune(
     # 1. Recipe, launch and run directory: checked before any slow step; nothing is written yet.
     recipe = load_recipe(recipe_path, overrides)
     out = Path(recipe.output.dir or Path("runs") / Path(recipe_path).stem).expanduser().resolve()
-    recipe = recipe.model_copy(update={"output": OutputSpec(dir=str(out))})
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(out)})})
     check_engines(recipe)
     checkpoint = _checkpoint_to_resume(out, recipe, resume) if resume else None
     if checkpoint is None and main:
@@ -111,7 +111,25 @@ def finetune(
     if main:
         artifacts.update_manifest(run, status="completed", finished=artifacts.now())
         write_run_report(run)
+        if recipe.output.push_to_hub is not None:
+            _push(run, recipe.output.push_to_hub)
     return FinetuneResult(run=run, metrics=metrics)
+
+
+def _push(run: RunDir, spec: PushSpec) -> None:
+    """Upload the saved run; the run is complete on disk already, so a failed push costs only the upload."""
+    from llmtune.push import push
+
+    flags = " --private" * spec.private + " --merged" * spec.merged
+    retry = f"llmtune push {shlex.quote(str(run.path))} {spec.repo_id}{flags}"
+    print(f"pushing {run.path} to the Hub as {spec.repo_id}", flush=True)
+    try:
+        result = push(run.path, spec.repo_id, private=spec.private, merged=spec.merged)
+    except Exception as e:  # whatever went wrong, the user needs to know the run is safe and how to retry
+        raise LLMTuneError(
+            f"the run is saved and complete at {run.path}, but the push failed: {first_line(e)}; retry with: {retry}"
+        ) from None
+    print(f"pushed {len(result.files)} files to {spec.repo_id}: {result.url}", flush=True)
 
 
 def _check_new_tokens(recipe: Recipe, added: list[str]) -> None:

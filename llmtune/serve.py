@@ -172,7 +172,8 @@ def _parse(raw: bytes, schema: type[_Request]) -> _Request:
             raise _APIError(400, f"{name}={json.dumps(value)} is not supported by this server", name)
     best_of = getattr(request, "best_of", None)
     if best_of not in (None, 1, request.n):
-        raise _APIError(400, f"best_of={best_of} is not supported by this server; leave it out or set it to n", "best_of")
+        message = f"best_of={best_of} is not supported by this server; leave it out or set it to n"
+        raise _APIError(400, message, "best_of")
     return request
 
 

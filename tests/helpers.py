@@ -15,6 +15,7 @@ import random
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +527,37 @@ def finetune_through_cli(root: Path, recipe: Path, printed: str) -> tuple[Path, 
     result = ok(run_cli("finetune", str(recipe), cwd=root))
     assert printed in result.stdout
     return root, Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
+
+
+# --- the Hub ----------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi in llmtune.push and records what a push sends it."""
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __init__(self, token=None):
+        self.calls.append(("init", {"token": token}))
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        self.calls.append(("create_commit", {"repo_id": repo_id, "files": files, **kwargs}))
+        return types.SimpleNamespace(commit_url=f"https://hub.test/{repo_id}/commit/1")
+
+
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Point llmtune.push at a reachable FakeHub; returns its record of calls."""
+    import llmtune.push
+
+    FakeHub.calls = []
+    monkeypatch.setattr(llmtune.push, "HfApi", FakeHub)
+    monkeypatch.setattr(llmtune.push, "hub_reachable", lambda: True)
+    monkeypatch.setattr(llmtune.push.constants, "HF_HUB_OFFLINE", False)
+    return FakeHub.calls
 
 
 # --- models ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from llmtune.cli import data, evaluate, finetune, generate, merge, recipes, serve, validate
+from llmtune.cli import chat, data, evaluate, export, finetune, generate, merge, push, recipes, serve, validate
 
 app = typer.Typer(
     name="llmtune",
@@ -52,6 +52,9 @@ app.command("finetune")(finetune.finetune)
 app.command("eval")(evaluate.evaluate)
 app.command("merge-adapter")(merge.merge_adapter)
 app.command("generate")(generate.generate)
+app.command("chat")(chat.chat)
+app.command("export")(export.export)
+app.command("push")(push.push)
 app.command("validate")(validate.validate)
 app.command("init")(recipes.init)
 app.command("serve")(serve.serve)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from llmtune import metrics
+from llmtune import metrics, progress
 from llmtune.batching import padded_batches
 from llmtune.data import PreparedData, Sample, encode_classification, encode_splits
 from llmtune.objectives.base import _trainer, training_args
@@ -67,8 +67,10 @@ def class_probabilities(
     """Softmax over a classifier's labels for each row, right-padded (decoders pool the last real token)."""
     model.eval()
     out = []
-    for ids, attn, _ in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device):
-        out.append(model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1))
+    with progress.rows(len(input_ids), "classify") as advance:
+        for ids, attn, _ in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device):
+            out.append(model(input_ids=ids, attention_mask=attn).logits.float().softmax(-1))
+            advance(ids.size(0))
     return torch.cat(out)
 
 

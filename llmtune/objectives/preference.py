@@ -11,7 +11,7 @@ import torch
 import trl
 from transformers import Trainer
 
-from llmtune import metrics
+from llmtune import metrics, progress
 from llmtune.batching import padded_batches
 from llmtune.data import IGNORE_INDEX, PreferenceSample, PreparedData, encode_preference_dataset, encode_splits
 from llmtune.evaluation import sequence_logps
@@ -221,6 +221,8 @@ def sequence_rewards(
     # The head finds each row's last token by the pad id; a base model loaded afresh may not name one.
     model.config.pad_token_id = tokenizer.pad_token_id
     rewards = []
-    for ids, attn, _ in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device):
-        rewards.extend(model(input_ids=ids, attention_mask=attn).logits[:, 0].float().tolist())
+    with progress.rows(len(input_ids), "reward") as advance:
+        for ids, attn, _ in padded_batches(input_ids, batch_size, tokenizer.pad_token_id, model.device):
+            rewards.extend(model(input_ids=ids, attention_mask=attn).logits[:, 0].float().tolist())
+            advance(ids.size(0))
     return rewards

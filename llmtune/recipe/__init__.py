@@ -27,7 +27,7 @@ from llmtune.recipe.models import ModelOptionsSpec
 from llmtune.recipe.objectives import OBJECTIVE_SPECS, DistillSpec, GRPOSpec, ObjectiveSpec
 from llmtune.recipe.schema import Recipe
 from llmtune.recipe.speed import SpeedSpec
-from llmtune.recipe.training import EvalSpec, OutputSpec, TrainingSpec
+from llmtune.recipe.training import EvalSpec, OutputSpec, PushSpec, TrainingSpec
 
 __all__ = [
     "METHOD_SPECS",
@@ -48,6 +48,7 @@ __all__ = [
     "ModelOptionsSpec",
     "ObjectiveSpec",
     "OutputSpec",
+    "PushSpec",
     "PTuningSpec",
     "PrefixSpec",
     "PromptSpec",

@@ -23,6 +23,11 @@ class _MethodOptions(Spec):
     # Can train the embedding rows of tokens a chat template adds (LoRA through peft's trainable tokens).
     trains_new_tokens: ClassVar[bool] = False
 
+    def merge_refusal(self, run: str) -> str | None:
+        """Why the adapter this method saves in `run` cannot be folded into the base weights, or None; the one
+        wording for merge-adapter, push --merged and output.push_to_hub.merged."""
+        return None
+
 
 class _LoraOptions(_MethodOptions):
     saves_adapter: ClassVar[bool] = True
@@ -91,6 +96,14 @@ class _VirtualTokenOptions(_MethodOptions):
     virtual_tokens: ClassVar[bool] = True
     frozen_weights_unused: ClassVar[bool] = True
 
+    def merge_refusal(self, run: str) -> str | None:
+        described = {"prefix": "prefix tuning", "prompt": "prompt tuning", "p-tuning": "p-tuning"}[self.name]
+        return (
+            f"{described} learns virtual tokens fed in front of every input, not a change to any weight, so there is "
+            f"nothing to merge; serve the run directory itself: llmtune generate {run} '...' / llmtune eval {run} "
+            f"(or peft's PeftModel.from_pretrained on {run}/adapter)"
+        )
+
 
 class PrefixSpec(_VirtualTokenOptions):
     name: Literal["prefix"]
@@ -154,6 +167,14 @@ class AdapterSpec(_MethodOptions):
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
         "relu", description="between the down- and up-projection"
     )
+
+    def merge_refusal(self, run: str) -> str | None:
+        return (
+            "bottleneck adapters are extra layers with a non-linearity between their projections, not a linear "
+            f"change to any weight, so there is nothing to merge into the base; serve the run directory itself: "
+            f"llmtune generate {run} '...' / llmtune eval {run} (both re-insert the adapters from {run}/adapter into "
+            "the base model)"
+        )
 
 
 class BitFitSpec(_MethodOptions):

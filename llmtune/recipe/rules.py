@@ -301,6 +301,15 @@ def check_neftune(recipe: Recipe) -> None:
         )
 
 
+def check_push_merged(recipe: Recipe) -> None:
+    push = recipe.output.push_to_hub
+    if push is None or not push.merged:
+        return
+    refusal = recipe.method.merge_refusal(recipe.output.dir or "RUN")
+    if refusal is not None:
+        raise ValueError(f"output.push_to_hub.merged: {refusal}; set merged: false to upload the adapter itself")
+
+
 # In the order they are checked: the first that fails is the error the user sees.
 RULES: tuple[Callable[[Recipe], None], ...] = (
     check_preference_data,
@@ -320,4 +329,5 @@ RULES: tuple[Callable[[Recipe], None], ...] = (
     check_warmup,
     check_loraplus,
     check_neftune,
+    check_push_merged,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmtune.recipe.common import AutoOrBool, Spec
 from llmtune.recipe.optim import AdamWSpec, LinearScheduleSpec, OptimizerSpec, ScheduleSpec
@@ -98,5 +98,39 @@ class EvalSpec(Spec):
     max_examples: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
 
 
+def check_repo_id(repo_id: str) -> str:
+    """A Hub model repository id as `owner/name`, or ValueError saying what is wrong with it.
+
+    The Hub also takes a bare name (under the token's own account), but which account that is depends on the
+    token of the day; a recipe or a command line that names its owner pushes to the same place every time."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id: give it as owner/name, e.g. your-name/my-model")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id: {e}".replace(f": {repo_id!r}", "")) from None
+    return repo_id
+
+
+class PushSpec(Spec):
+    repo_id: str = Field(description="Hub model repository to upload to, as owner/name; created when missing")
+    private: bool = Field(False, description="create the repository private (an existing one keeps its visibility)")
+    merged: bool = Field(
+        False,
+        description="upload the adapter merged into its base (a standalone model, as merge-adapter writes it) "
+        "instead of the adapter alone",
+    )
+
+    _repo_id_form = field_validator("repo_id")(check_repo_id)
+
+
 class OutputSpec(Spec):
     dir: str | None = Field(None, description="run directory; default runs/<recipe file name>")
+    push_to_hub: PushSpec | None = Field(
+        None,
+        description="upload the run to the Hugging Face Hub when training ends (as `llmtune push` does); "
+        "null: keep it local",
+    )
