@@ -41,6 +41,7 @@ def main() -> None:
                 {
                     "quant": quant,
                     "max_abs_logit_diff": result.max_abs_diff,
+                    "vs_rounded_in_memory": result.rounded_max_abs_diff,
                     "greedy_equal": result.greedy_equal,
                     "probes": result.probes,
                     "size_mb": round(result.size_bytes / 1e6, 1),

@@ -228,6 +228,39 @@ def test_each_quantization_writes_a_file_that_reads_back_within_its_tolerance(tm
     assert list(tmp_path.iterdir()) == [out]  # no temporary file left
 
 
+def family_checkpoint(directory: Path, model_type: str) -> Path:
+    """tiny:llama's shape in another family, random, with the tiny byte tokenizer, saved as a checkpoint directory. Its
+    embeddings have rows to spare, as real checkpoints pad theirs: loaded as Qwen2's, the tokenizer gains
+    <|endoftext|>, and the rest become llama.cpp's [PAD] tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmtune.models import load_model
+
+    tok, llama = load_tokenizer("tiny:llama"), load_model("tiny:llama").config
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    same = {key: getattr(llama, key) for key in (*shape, "max_position_embeddings", "bos_token_id", "eos_token_id")}
+    # transformers' GGUF reader takes Qwen3's head width from its config default (128), not from the file.
+    extra = {"head_dim": 128} if model_type == "qwen3" else {}
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok) + 8, pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **same, **extra
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_other_families_export_exactly_in_f32_and_within_tolerance_in_q8_0(tmp_path: Path, model_type: str):
+    checkpoint = family_checkpoint(tmp_path / model_type, model_type)
+    exact = export_gguf(str(checkpoint), tmp_path / "f32.gguf", "f32", progress=lambda line: None)
+    assert exact.max_abs_diff == 0.0 and exact.greedy_equal
+    rounded = export_gguf(str(checkpoint), tmp_path / "q8_0.gguf", "q8_0", progress=lambda line: None)
+    assert 0.0 < rounded.max_abs_diff <= TOLERANCES["q8_0"]
+
+
 def test_smaller_quantizations_write_smaller_files(tmp_path: Path):
     sizes = {q: export_gguf("tiny:llama", tmp_path / f"{q}.gguf", q).size_bytes for q in ("f32", "f16", "q8_0", "q4_0")}
     assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q4_0"]
@@ -242,7 +275,7 @@ def test_k_quants_are_refused_with_the_supported_list(tmp_path: Path):
 
 
 def test_an_unsupported_family_is_refused_with_the_supported_list(tmp_path: Path):
-    with expect_error("model type 'gpt2'", "supported: llama"):
+    with expect_error("model type 'gpt2'", "supported: llama, mistral, qwen2, qwen3"):
         export_gguf("tiny:gpt2", tmp_path / "m.gguf", "f16")
     assert not any(tmp_path.iterdir())
 
