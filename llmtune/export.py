@@ -23,7 +23,15 @@ import torch
 from llmtune.artifacts import is_run_dir, make_readable, open_run
 from llmtune.data import Sample, encode_prompt
 from llmtune.errors import LLMTuneError, first_line
-from llmtune.merge import FALLBACK_PROBES, logits, merge_in_memory, probe_batch, probe_ids, probe_samples
+from llmtune.merge import (
+    FALLBACK_PROBES,
+    logits,
+    merge_in_memory,
+    probe_batch,
+    probe_ids,
+    probe_samples,
+    refuse_unmergeable,
+)
 from llmtune.models import checkpoint_kind, load_model, load_tokenizer, load_tuned
 from llmtune.templates import end_of_turn
 
@@ -94,6 +102,7 @@ class _Source:
     tokenizer: PreTrainedTokenizerBase
     recipe: Recipe | None  # the run's recipe; None for a model reference
     name: str
+    note: str = ""  # what the merge line adds: how far the merge is from what was trained
 
 
 def default_output(target: str | Path, quant: str) -> Path:
@@ -143,7 +152,7 @@ def export_gguf(
         system = source.recipe.data.system_prompt if source.recipe is not None else None
         modelfile_text = build_modelfile(out.name, source.tokenizer, system)
     seconds["merge"] = time.perf_counter() - start
-    progress(f"merge: {source.name} ready in {seconds['merge']:.1f}s")
+    progress(f"merge: {source.name} ready in {seconds['merge']:.1f}s{source.note}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
@@ -173,7 +182,19 @@ def export_gguf(
         from llmtune.artifacts import write_text
 
         write_text(modelfile, modelfile_text)
-    return ExportResult(out, quant, diff, faithful, tolerance, greedy, probes, size, seconds, modelfile, fallback)
+    return ExportResult(
+        out=out,
+        quant=quant,
+        max_abs_diff=diff,
+        rounded_max_abs_diff=faithful,
+        tolerance=tolerance,
+        greedy_equal=greedy,
+        probes=probes,
+        size_bytes=size,
+        seconds=seconds,
+        modelfile=modelfile,
+        f16_fallback=fallback,
+    )
 
 
 def _check_quant(quant: str) -> str:
@@ -204,8 +225,6 @@ def _refuse_early(target: str | Path) -> None:
             f"llmtune generate {path} '...'"
         )
     if recipe.method.saves_adapter:
-        from llmtune.merge import refuse_unmergeable
-
         refuse_unmergeable(path, run)
 
 
@@ -214,12 +233,14 @@ def _load_source(target: str | Path) -> _Source:
     if is_run_dir(path):
         run = open_run(path)
         recipe = run.recipe()
-        if recipe.method.saves_adapter:
-            merged = merge_in_memory(path)
-            model, tokenizer = merged.model, merged.tokenizer
-        else:
+        if not recipe.method.saves_adapter:
             model, tokenizer = load_tuned(path)
-        return _Source(model.float().cpu(), tokenizer, recipe, path.resolve().name)
+            return _Source(model.float().cpu(), tokenizer, recipe, path.resolve().name)
+        merged = merge_in_memory(path)
+        note = f"; merged vs base+adapter max |logit diff| {merged.max_abs_diff:.2g}"
+        if merged.quantized_max_abs_diff is not None:
+            note += f", vs the 4-bit model {merged.quantized_max_abs_diff:.3g} (merged over the dequantized base)"
+        return _Source(merged.model.float().cpu(), merged.tokenizer, recipe, path.resolve().name, note)
     ref = str(target)
     if checkpoint_kind(ref) != "causal-lm":
         raise LLMTuneError(f"model {ref!r} is an encoder-decoder; GGUF export writes causal language models")

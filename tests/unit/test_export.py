@@ -280,6 +280,12 @@ def test_an_unsupported_family_is_refused_with_the_supported_list(tmp_path: Path
     assert not any(tmp_path.iterdir())
 
 
+def test_an_encoder_decoder_is_refused(tmp_path: Path):
+    with expect_error("model 'tiny:t5' is an encoder-decoder", "causal language models"):
+        export_gguf("tiny:t5", tmp_path / "m.gguf", "f16")
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_existing_output_is_refused_unless_overwrite(tmp_path: Path):
     out = tmp_path / "m.gguf"
     out.write_text("keep me")
