@@ -718,54 +718,12 @@ def write_base_recipe(root: Path, name: str = "base", chat_template: str = "chat
 
 def write_tiny_gguf(path: Path, model=None) -> Path:
     """tiny:llama (or `model`, a LlamaForCausalLM with its vocabulary) and its tokenizer as a float32 GGUF file,
-    under llama.cpp's names, as llama.cpp's converter writes them."""
-    import gguf
-    import numpy as np
-
+    written as `llmtune export` writes one (llama.cpp's names and layout)."""
+    from llmtune.export import FAMILIES, write_gguf
     from llmtune.models import load_model, load_tokenizer
 
     model = model if model is not None else load_model("tiny:llama")
-    tokenizer, config = load_tokenizer("tiny:llama"), model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    # A byte-level BPE vocabulary ("gpt2" in llama.cpp) without merges: the tiny tokenizer has none, and a file
-    # without merges must carry scores for transformers to derive them from.
-    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
-    specials = set(tokenizer.all_special_tokens)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(True)
-    writer.add_chat_template(tokenizer.chat_template)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-    for name, tensor in model.state_dict().items():
-        module, suffix = name.rsplit(".", 1)
-        weights = tensor.float().numpy()
-        if module.rsplit(".", 1)[-1] in heads:
-            # llama.cpp interleaves the rotary halves of each query and key head; the reader undoes it.
-            n = heads[module.rsplit(".", 1)[-1]]
-            weights = weights.reshape(n, 2, weights.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(weights.shape)
-        writer.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(weights))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(model, load_tokenizer("tiny:llama"), FAMILIES["llama"], "f32", path, "tiny-llama")
     return path
 
 
