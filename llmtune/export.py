@@ -32,12 +32,12 @@ from llmtune.merge import (
     probe_samples,
     refuse_unmergeable,
 )
-from llmtune.models import checkpoint_kind, load_model, load_tokenizer, load_tuned
+from llmtune.models import load_config, load_model, load_tokenizer, load_tuned, options_for
 from llmtune.templates import end_of_turn
 
 if TYPE_CHECKING:
     import numpy as np
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from llmtune.recipe import Recipe
 
@@ -139,12 +139,11 @@ def export_gguf(
     for path in (out, modelfile):
         if path is not None and path.exists() and not overwrite:
             raise LLMTuneError(f"{path}: already exists; pass --overwrite to replace it, or choose another --out")
-    _refuse_early(target)
+    family = _check_target(target)
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
     source = _load_source(target)
-    family = _family(source.model)
     modelfile_text = None
     if modelfile is not None:
         from llmtune.ollama import modelfile as build_modelfile
@@ -210,11 +209,16 @@ def _check_quant(quant: str) -> str:
     raise LLMTuneError(f"--quant {quant}: {why}; supported: {', '.join(QUANTS)}")
 
 
-def _refuse_early(target: str | Path) -> None:
-    """Refuse runs that cannot become one causal LM file before any model loads."""
+def _check_target(target: str | Path) -> _Family:
+    """The family `target` is written as; what cannot become one causal LM file is refused before any model loads
+    (a large model takes minutes to load and merge)."""
     path = Path(target).expanduser()
     if not is_run_dir(path):
-        return
+        ref = str(target)
+        config = load_config(ref)
+        if getattr(config, "is_encoder_decoder", False):
+            raise LLMTuneError(f"model {ref!r} is an encoder-decoder; GGUF export writes causal language models")
+        return _family(config)
     run = open_run(path)
     recipe = run.recipe()
     objective = recipe.objective
@@ -226,6 +230,9 @@ def _refuse_early(target: str | Path) -> None:
         )
     if recipe.method.saves_adapter:
         refuse_unmergeable(path, run)
+    # A distilled student is built from its teacher's architecture.
+    base = objective.teacher if getattr(objective, "student", None) is not None else recipe.model
+    return _family(load_config(base, options_for(recipe, base)))
 
 
 def _load_source(target: str | Path) -> _Source:
@@ -242,19 +249,17 @@ def _load_source(target: str | Path) -> _Source:
             note += f", vs the 4-bit model {merged.quantized_max_abs_diff:.3g} (merged over the dequantized base)"
         return _Source(merged.model.float().cpu(), merged.tokenizer, recipe, path.resolve().name, note)
     ref = str(target)
-    if checkpoint_kind(ref) != "causal-lm":
-        raise LLMTuneError(f"model {ref!r} is an encoder-decoder; GGUF export writes causal language models")
     return _Source(load_model(ref), load_tokenizer(ref), None, _name(ref))
 
 
-def _family(model: PreTrainedModel) -> _Family:
-    model_type = model.config.model_type
+def _family(config: PretrainedConfig) -> _Family:
+    model_type = config.model_type
     family = FAMILIES.get(model_type)
     if family is None:
         raise LLMTuneError(
             f"model type {model_type!r}: GGUF export does not support it yet; supported: {', '.join(FAMILIES)}"
         )
-    rope = getattr(model.config, "rope_parameters", None) or {}
+    rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise LLMTuneError(
             f"model type {model_type!r} with rope scaling {rope.get('rope_type')!r}: GGUF export writes unscaled "

@@ -35,7 +35,7 @@ from llmtune.templates import stop_token_ids, template_tokens
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from llmtune.recipe import QLoraSpec, Recipe
 
@@ -197,17 +197,20 @@ def _write_checkpoint(model: PreTrainedModel, directory: Path) -> None:
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def checkpoint_kind(ref: str, options: ModelOptionsSpec | None = None) -> str:
-    """'seq2seq-lm' for an encoder-decoder checkpoint (a merged T5, say), else 'causal-lm'."""
+def load_config(ref: str, options: ModelOptionsSpec | None = None) -> PretrainedConfig:
+    """A model reference's config alone: what it is, known without loading its weights."""
     if ref.startswith("tiny:"):
         tiny = _tiny(ref)
         tok = tiny.tokenizer()
-        config = _TINY_CONFIGS[tiny.arch](len(tok), tok)
-    else:
-        from transformers import AutoConfig
+        return _TINY_CONFIGS[tiny.arch](len(tok), tok)
+    from transformers import AutoConfig
 
-        config = _from_hub_or_disk(AutoConfig.from_pretrained, resolve_checkpoint(ref), ref, options)
-    return "seq2seq-lm" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
+    return _from_hub_or_disk(AutoConfig.from_pretrained, resolve_checkpoint(ref), ref, options)
+
+
+def checkpoint_kind(ref: str, options: ModelOptionsSpec | None = None) -> str:
+    """'seq2seq-lm' for an encoder-decoder checkpoint (a merged T5, say), else 'causal-lm'."""
+    return "seq2seq-lm" if getattr(load_config(ref, options), "is_encoder_decoder", False) else "causal-lm"
 
 
 def load_base_model(
