@@ -527,7 +527,12 @@ def interleave(order: list[int], lengths: list[int]) -> list[tuple[int, int]]:
 
 
 def prepare_tokenizer(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Give the tokenizer the recipe's chat template; returns the special tokens that had to be added."""
+    """Give the tokenizer the recipe's chat template, or the tokens a denoising objective writes (BERT's mask
+    token, T5's sentinels); returns the special tokens that had to be added."""
+    from llmtune.masking import add_objective_tokens
+
+    if added := add_objective_tokens(recipe.objective.name, tokenizer):
+        return added
     if recipe.data.format in ("text", "classification") or recipe.objective.model_kind != "causal-lm":
         return []  # rows without turns, and encoders, read plain text
     return apply_template(tokenizer, recipe.data.chat_template)

@@ -19,6 +19,7 @@ from llmtune.errors import LLMTuneError
 from llmtune.generation import generate_texts, is_encoder_decoder, prompt_learning_config
 from llmtune.models import (
     load_base_model,
+    load_config,
     load_recipe_tokenizer,
     load_teacher,
     load_tuned,
@@ -93,6 +94,11 @@ def evaluate(
             "base: its classification head is new and untrained (initialised from training.seed); its scores are "
             "those of the model training started from, not of a trained classifier"
         )
+    if "base" in results and recipe.objective.name == "mlm" and not _has_mlm_head(recipe):
+        notes.append(
+            f"base: {recipe.model} ships no masked-LM head, so its head is new (initialised from training.seed); "
+            "its scores are those of the model training started from, not of a pretrained masked LM"
+        )
     predictions = _prediction_rows(samples, tokenizer, generations, is_encoder_decoder(model))
     if out is not None:
         artifacts.write_json(out, results)
@@ -101,6 +107,12 @@ def evaluate(
     if label == "tuned" and out == path / artifacts.EVAL_FILE:
         write_run_report(RunDir(path))
     return EvalReport(results=results, predictions=predictions, out=out, examples=len(samples), notes=notes)
+
+
+def _has_mlm_head(recipe: Recipe) -> bool:
+    """Whether the checkpoint was saved with a masked-LM head (sentence encoders such as MiniLM drop it)."""
+    architectures = load_config(recipe.model, recipe.model_options).architectures or []
+    return any(name.endswith(("ForMaskedLM", "ForPreTraining")) for name in architectures)
 
 
 def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:

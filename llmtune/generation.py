@@ -212,21 +212,30 @@ class Generator:
         )
 
 
+# Runs whose model does not generate text, and what `llmtune generate` gives for those that answer otherwise.
+_NOT_GENERATING = {
+    "reward-model": "a reward model: it scores responses",
+    "classify": "a classifier: it labels text",
+    "mlm": "a masked language model: it predicts the tokens hidden behind its mask token",
+}
+_ANSWERS = {"classify": "TEXT` prints a label", "mlm": "'TEXT with [MASK]'` prints its predictions for each mask"}
+
+
 def load_generator(target: str | Path, allow_classifier: bool = False) -> Generator:
     """A run directory's tuned model (adapter applied, no merge) or any model reference, ready to generate.
 
     Args:
-        allow_classifier: accept a classification run (whose `generate` is a label), for `llmtune generate`.
+        allow_classifier: accept a classification run (whose `generate` is a label) or a masked LM run (its
+            predictions for the mask tokens), for `llmtune generate`.
     """
     path = Path(target).expanduser()
     if is_run_dir(path):
         recipe = load_recipe(path / artifacts.RECIPE_FILE)
         kind = recipe.objective.name
-        if kind == "reward-model" or (kind == "classify" and not allow_classifier):
-            what = "a reward model: it scores responses" if kind == "reward-model" else "a classifier: it labels text"
+        if kind == "reward-model" or (kind in _ANSWERS and not allow_classifier):
             raise LLMTuneError(
-                f"{path} is {what} and does not generate; `llmtune eval {path}` reports its scores"
-                + (f" and `llmtune generate {path} TEXT` prints a label" if kind == "classify" else "")
+                f"{path} is {_NOT_GENERATING[kind]} and does not generate; `llmtune eval {path}` reports its scores"
+                + (f" and `llmtune generate {path} {_ANSWERS[kind]}" if kind in _ANSWERS else "")
             )
         model, tokenizer = load_tuned(path)
         data = recipe.data
@@ -244,13 +253,17 @@ def load_generator(target: str | Path, allow_classifier: bool = False) -> Genera
 
 def complete(target: str, prompt: str, sampling: Sampling | None = None, raw: bool = False) -> str:
     """Answer one prompt with a run directory's tuned model or any model reference, formatted as in training; a
-    classification run gives its label and every label's probability."""
+    classification run gives its label and every label's probability, a masked LM run its fill-mask predictions."""
     generator = load_generator(target, allow_classifier=True)
     recipe = generator.recipe
     if recipe is not None and recipe.objective.name == "classify":
         from llmtune.objectives.classify import classify_text
 
         return classify_text(generator.model, generator.tokenizer, prompt, recipe)
+    if recipe is not None and recipe.objective.name == "mlm":
+        from llmtune.objectives.denoising import fill_mask
+
+        return fill_mask(generator.model, generator.tokenizer, prompt)
     ids = generator.encode_text(prompt) if raw else generator.encode([{"role": "user", "content": prompt}])
     [completion] = generator.generate([ids], sampling or Sampling())
     return completion.text

@@ -17,7 +17,9 @@ from llmtune.artifacts import check_run_dir_free, open_run, staged_dir
 from llmtune.batching import pad_batch
 from llmtune.data import Sample, encode, encode_classification, split_samples
 from llmtune.errors import LLMTuneError
+from llmtune.masking import text_rows
 from llmtune.models import auto_class, load_tuned
+from llmtune.recipe.rules import DENOISING_OBJECTIVES
 from llmtune.report import MODEL_CARD_FILE, model_card, read_json
 
 if TYPE_CHECKING:
@@ -153,6 +155,9 @@ def probe_ids(recipe: Recipe | None, tokenizer: PreTrainedTokenizerBase) -> list
         # Tokenized as the classifier reads them: with its own special tokens, and no EOS that an encoder lacks.
         data, _ = encode_classification(held_out, tokenizer, recipe.data, recipe.objective.labels, "held-out")
         return data["input_ids"]
+    if held_out and recipe.objective.name in DENOISING_OBJECTIVES:
+        # Uncorrupted rows as those objectives cut them: an encoder's text carries no EOS to add.
+        return text_rows(recipe, tokenizer, held_out)[0]
     prompts = [encode(s, tokenizer)[0] for s in held_out]
     return prompts or [tokenizer(text)["input_ids"] for text in FALLBACK_PROBES]
 

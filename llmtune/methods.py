@@ -34,7 +34,13 @@ if TYPE_CHECKING:
 
 # peft's task type for each kind of model (llmtune.models.AUTO_CLASSES): it decides which head peft keeps
 # trainable and how inputs reach the model.
-PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS", "seq2seq-lm": "SEQ_2_SEQ_LM"}
+# peft has no masked-LM task: its plain PeftModel wraps the encoder with its head, which forwards as it is.
+PEFT_TASK_TYPES = {
+    "causal-lm": "CAUSAL_LM",
+    "sequence-classification": "SEQ_CLS",
+    "seq2seq-lm": "SEQ_2_SEQ_LM",
+    "masked-lm": None,
+}
 
 # Biased models users can reach for when BitFit refuses a bias-free one.
 MODELS_WITH_BIASES = "GPT-2, OPT, BLOOM, Pythia/GPT-NeoX, BERT, Qwen2/2.5 (q/k/v biases)"

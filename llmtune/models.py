@@ -107,6 +107,7 @@ AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "masked-lm": "AutoModelForMaskedLM",
 }
 
 
@@ -241,7 +242,10 @@ def load_base_model(
         # A decoder classifier pools its last non-padding token, so it must know which token is padding.
         model.config.pad_token_id = load_recipe_tokenizer(recipe).pad_token_id
     if tokenizer is not None:
-        fit_vocabulary(model, tokenizer, template_tokens(tokenizer, recipe.data.chat_template))
+        from llmtune.masking import objective_tokens
+
+        tokens = template_tokens(tokenizer, recipe.data.chat_template) + objective_tokens(objective.name, tokenizer)
+        fit_vocabulary(model, tokenizer, tokens)
     return model
 
 
@@ -252,8 +256,8 @@ def load_recipe_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 
 def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: tuple[str, ...]) -> None:
-    """Grow the embeddings to cover `tokens` (those a chat template added) and stop generation at the template's
-    end of turn.
+    """Grow the embeddings to cover `tokens` (those a chat template or a denoising objective added) and stop
+    generation at the template's end of turn.
 
     New rows start at the mean of the pretrained rows (and the output head's likewise): a deterministic start,
     so the base that eval and merge rebuild from a run directory is the one training started from.
@@ -560,10 +564,7 @@ class _Tiny:
             try:
                 model = auto_class(kind).from_config(config, attn_implementation=attn_implementation)
             except ValueError:
-                raise LLMTuneError(
-                    f"model 'tiny:{self.arch}' has no {kind} form; "
-                    + ("use objective seq2seq" if config.is_encoder_decoder else "use tiny:t5 for objective seq2seq")
-                ) from None
+                raise LLMTuneError(f"model 'tiny:{self.arch}' has no {kind} form; {_TINY_HINTS[kind]}") from None
         if getattr(model, "generation_config", None) is not None:  # heads that do not generate have none
             model.generation_config.pad_token_id = tok.pad_token_id
             model.generation_config.eos_token_id = tok.eos_token_id
@@ -637,6 +638,14 @@ def _tiny_t5_config(vocab_size: int, tok):
         decoder_start_token_id=tok.pad_token_id,
     )
 
+
+# What to use instead when a tiny architecture has no form of the kind an objective needs.
+_TINY_HINTS = {
+    "causal-lm": "use objective seq2seq or span-corruption with tiny:t5, objective mlm with tiny:bert",
+    "seq2seq-lm": "use tiny:t5 for objectives seq2seq and span-corruption",
+    "masked-lm": "use tiny:bert for objective mlm",
+    "sequence-classification": "use tiny:llama or tiny:bert",
+}
 
 _TINY_CONFIGS = {
     "llama": _tiny_llama_config,

@@ -22,6 +22,7 @@ from llmtune.models import load_base_model, load_recipe_tokenizer, parameter_cou
 from llmtune.objectives import OBJECTIVES, prepare_data
 from llmtune.objectives.base import check_engines
 from llmtune.recipe import PushSpec, Recipe, dump_recipe, load_recipe
+from llmtune.recipe.rules import DENOISING_OBJECTIVES
 from llmtune.report import write_run_report
 from llmtune.templates import TEMPLATES
 from llmtune.training import (
@@ -134,12 +135,28 @@ def _push(run: RunDir, spec: PushSpec) -> None:
 
 def _check_new_tokens(recipe: Recipe, added: list[str]) -> None:
     if added and not recipe.method.trains_new_tokens:
+        plain = ", ".join(n for n, t in TEMPLATES.items() if not t.tokens)
+        fix = f"or a template written in plain text ({plain})" if _template_added(recipe) else "or a tokenizer that has them"
         raise LLMTuneError(
-            f"data.chat_template {recipe.data.chat_template!r} needs tokens the tokenizer lacks "
-            f"({', '.join(added)}), whose new embedding rows must train, and method {recipe.method.name} cannot "
-            f"train them: use lora, qlora, dora or full, or a template written in plain text "
-            f"({', '.join(n for n, t in TEMPLATES.items() if not t.tokens)})"
+            f"{_adder(recipe)} needs tokens the tokenizer lacks ({_listed(added)}), whose new embedding rows must "
+            f"train, and method {recipe.method.name} cannot train them: use lora, qlora, dora or full, {fix}"
         )
+
+
+def _template_added(recipe: Recipe) -> bool:
+    """Whether the tokens added for `recipe` are its chat template's (else its denoising objective's)."""
+    return recipe.objective.name not in DENOISING_OBJECTIVES
+
+
+def _adder(recipe: Recipe) -> str:
+    if _template_added(recipe):
+        return f"data.chat_template {recipe.data.chat_template!r}"
+    return f"objective {recipe.objective.name}"
+
+
+def _listed(tokens: list[str]) -> str:
+    # T5's hundred sentinels would make a line nobody reads.
+    return ", ".join(tokens) if len(tokens) <= 4 else f"{tokens[0]} ... {tokens[-1]}"
 
 
 def _build_model(recipe: Recipe, tokenizer: Any, added: list[str]) -> Any:
@@ -156,9 +173,10 @@ def _build_model(recipe: Recipe, tokenizer: Any, added: list[str]) -> Any:
 def _print_start(recipe: Recipe, data: Any, model: Any, plan: accel.SpeedPlan, added: list[str]) -> None:
     _print_data_report(data.report, recipe.data.max_length)
     if added:
+        adder = f"chat template {recipe.data.chat_template!r}" if _template_added(recipe) else _adder(recipe)
         print(
-            f"chat template {recipe.data.chat_template!r}: added {len(added)} special tokens the tokenizer lacked "
-            f"({', '.join(added)}); their embedding rows start at the mean row and train",
+            f"{adder}: added {len(added)} special tokens the tokenizer lacked ({_listed(added)}); their embedding "
+            "rows start at the mean row and train",
             flush=True,
         )
     counts = parameter_counts(model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llmtune.evaluation import score_responses
-from llmtune.objectives import classify, distill, grpo, lm, preference, seq2seq, sft
+from llmtune.objectives import classify, denoising, distill, grpo, lm, preference, seq2seq, sft
 from llmtune.objectives.base import Objective
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ OBJECTIVES: dict[str, Objective] = {
     "kto": Objective(preference.prepare_pairs, preference.build_kto, preference.score_preferences),
     "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, score_responses),
     "reward-model": Objective(preference.prepare_pairs, preference.build_reward_model, preference.score_preferences),
+    "mlm": Objective(denoising.prepare_denoising, denoising.build_denoising, denoising.score_denoising),
+    "span-corruption": Objective(denoising.prepare_denoising, denoising.build_denoising, denoising.score_denoising),
 }
 
 

@@ -218,6 +218,33 @@ class Seq2SeqSpec(_ObjectiveOptions):
     loss_on: ClassVar[str] = "target"
 
 
+class MLMSpec(_ObjectiveOptions):
+    """Masked language modelling (BERT): some tokens of each text are hidden and the encoder predicts them."""
+
+    name: Literal["mlm"]
+    model_kind: ClassVar[str] = "masked-lm"
+    eval_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "perplexity")
+    mlm_probability: float = Field(
+        0.15,
+        gt=0.0,
+        lt=1.0,
+        description="share of each row's tokens chosen for prediction (special tokens never are); of them 80% "
+        "become the mask token, 10% a random token, 10% stay as they are",
+    )
+
+
+class SpanCorruptionSpec(_ObjectiveOptions):
+    """Span corruption (T5): spans of each text are replaced by sentinel tokens and the decoder writes them out."""
+
+    name: Literal["span-corruption"]
+    model_kind: ClassVar[str] = "seq2seq-lm"
+    eval_metrics: ClassVar[tuple[str, ...]] = ("perplexity", "accuracy")
+    noise_density: float = Field(
+        0.15, gt=0.0, le=0.5, description="share of each row's tokens inside noise spans (T5: 0.15)"
+    )
+    mean_noise_span_length: float = Field(3.0, ge=1.0, description="mean length of a noise span in tokens (T5: 3)")
+
+
 ObjectiveSpec = Annotated[
     Union[
         SFTSpec,
@@ -231,6 +258,8 @@ ObjectiveSpec = Annotated[
         KTOSpec,
         GRPOSpec,
         RewardModelSpec,
+        MLMSpec,
+        SpanCorruptionSpec,
     ],
     Field(discriminator="name"),
 ]

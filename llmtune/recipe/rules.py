@@ -197,6 +197,25 @@ def check_objective_data(recipe: Recipe) -> None:
         )
     if objective == "classify" and data.packing:
         raise ValueError("data.packing: a classifier reads one text per sequence; set data.packing: false")
+    if objective in DENOISING_OBJECTIVES:
+        _check_denoising(recipe)
+
+
+# Objectives that corrupt plain text and train the model to restore it.
+DENOISING_OBJECTIVES = ("mlm", "span-corruption")
+
+
+def _check_denoising(recipe: Recipe) -> None:
+    objective, data, method = recipe.objective.name, recipe.data, recipe.method
+    if data.format != "text":
+        raise ValueError(f"data.format: objective {objective} corrupts plain text; set data.format: text")
+    if data.packing:
+        raise ValueError(f"data.packing: objective {objective} cuts each text into rows itself; set it to false")
+    if method.virtual_tokens or method.name == "adapter":
+        raise ValueError(
+            f"method {method.name}: virtual tokens and bottleneck adapters are not supported with objective "
+            f"{objective}; use lora, dora, full or another method that changes weights"
+        )
 
 
 def check_eval_metrics(recipe: Recipe) -> None:
