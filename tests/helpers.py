@@ -180,6 +180,24 @@ def write_lm_recipe(root: Path, name: str = "lm", **sections) -> Path:
     return save_recipe(root, name, recipe)
 
 
+def write_denoising_recipe(root: Path, objective: str, **sections: Any) -> Path:
+    """Objective mlm on tiny:bert or span-corruption on tiny:t5, over the counting corpus in rows of 32 tokens."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "train.txt").write_text(counting_corpus(24), encoding="utf-8")
+    (root / "data" / "eval.txt").write_text(counting_corpus(6, start=3), encoding="utf-8")
+    recipe = {
+        "model": "tiny:bert" if objective == "mlm" else "tiny:t5",
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "objective": {"name": objective},
+        "data": {"train": "data/train.txt", "eval": "data/eval.txt", "format": "text", "max_length": 32},
+        "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-2, "seed": 0, "logging_steps": 2},
+        "eval": {"batch_size": 8},
+        "output": {"dir": str(root / "runs" / objective)},
+        **sections,
+    }
+    return save_recipe(root, objective, recipe)
+
+
 # --- grpo: prompts with their reference -------------------------------------------------------
 
 

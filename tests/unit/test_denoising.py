@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import counting_corpus, expect_error, save_recipe
+from helpers import counting_corpus, expect_error, write_denoising_recipe
 
 from llmtune import masking
 from llmtune.data import IGNORE_INDEX
@@ -30,23 +30,6 @@ def t5_tok():
     added = masking.add_objective_tokens("span-corruption", tok)
     assert added == [f"<extra_id_{i}>" for i in range(100)]
     return tok
-
-
-def write_denoising_recipe(root: Path, objective: str, **sections) -> Path:
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    (root / "data" / "train.txt").write_text(counting_corpus(24), encoding="utf-8")
-    (root / "data" / "eval.txt").write_text(counting_corpus(6, start=3), encoding="utf-8")
-    recipe = {
-        "model": "tiny:bert" if objective == "mlm" else "tiny:t5",
-        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "objective": {"name": objective},
-        "data": {"train": "data/train.txt", "eval": "data/eval.txt", "format": "text", "max_length": 32},
-        "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-2, "seed": 0, "logging_steps": 2},
-        "eval": {"batch_size": 8},
-        "output": {"dir": str(root / "runs" / objective)},
-        **sections,
-    }
-    return save_recipe(root, objective, recipe)
 
 
 # --- tokens ------------------------------------------------------------------------------------------
