@@ -136,7 +136,11 @@ def _push(run: RunDir, spec: PushSpec) -> None:
 def _check_new_tokens(recipe: Recipe, added: list[str]) -> None:
     if added and not recipe.method.trains_new_tokens:
         plain = ", ".join(n for n, t in TEMPLATES.items() if not t.tokens)
-        fix = f"or a template written in plain text ({plain})" if _template_added(recipe) else "or a tokenizer that has them"
+        fix = (
+            f"or a template written in plain text ({plain})"
+            if _template_added(recipe)
+            else "or a tokenizer that has them"
+        )
         raise LLMTuneError(
             f"{_adder(recipe)} needs tokens the tokenizer lacks ({_listed(added)}), whose new embedding rows must "
             f"train, and method {recipe.method.name} cannot train them: use lora, qlora, dora or full, {fix}"

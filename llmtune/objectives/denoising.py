@@ -183,7 +183,9 @@ def score_denoising(
     inputs, labels = zip(*(corrupt(ids, masking.HELD_OUT) for ids in rows), strict=True)
     skipped = set(masking.sentinel_ids(tokenizer)) | {tokenizer.eos_token_id}
     skipped = skipped if recipe.objective.name == "span-corruption" else set()
-    nll, n, correct, counted = restored_scores(model, tokenizer, list(inputs), list(labels), recipe.eval.batch_size, skipped)
+    nll, n, correct, counted = restored_scores(
+        model, tokenizer, list(inputs), list(labels), recipe.eval.batch_size, skipped
+    )
     if n == 0:
         raise LLMTuneError("evaluation: the held-out rows have no corrupted tokens")
     results = {"accuracy": correct / max(counted, 1), "perplexity": metrics.perplexity(nll, n)}

@@ -29,7 +29,9 @@ def write_recipe(root: Path, objective: str, method: str) -> Path:
     )
 
 
-@pytest.fixture(scope="module", params=[("mlm", "lora"), ("mlm", "full"), ("span-corruption", "lora"), ("span-corruption", "full")])
+@pytest.fixture(
+    scope="module", params=[("mlm", "lora"), ("mlm", "full"), ("span-corruption", "lora"), ("span-corruption", "full")]
+)
 def trained(request, tmp_path_factory) -> tuple[str, str, Path]:
     objective, method = request.param
     root = tmp_path_factory.mktemp(f"{objective}-{method}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from pathlib import Path
 
 import pytest
 from helpers import counting_corpus, expect_error, write_denoising_recipe
@@ -71,7 +70,9 @@ def test_mask_chooses_15_percent_of_the_non_special_tokens_and_labels_only_those
     ids = row_of(bert_tok, 40, seed=1)
     # A special token in the middle of the text is never chosen either.
     ids = ids[:10] + [1, 2] + ids[10:]
-    inputs, labels = masking.mask_tokens(ids, 0.15, bert_tok.mask_token_id, specials, len(bert_tok), masking.row_rng(0, 0, ids))
+    inputs, labels = masking.mask_tokens(
+        ids, 0.15, bert_tok.mask_token_id, specials, len(bert_tok), masking.row_rng(0, 0, ids)
+    )
     chosen = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
     assert len(chosen) == round(40 * 0.15) == 6
     assert all(ids[i] not in specials for i in chosen)
@@ -80,8 +81,12 @@ def test_mask_chooses_15_percent_of_the_non_special_tokens_and_labels_only_those
     # Deterministic per (seed, salt, row); another epoch or seed draws another mask.
     again = masking.mask_tokens(ids, 0.15, bert_tok.mask_token_id, specials, len(bert_tok), masking.row_rng(0, 0, ids))
     assert again == (inputs, labels)
-    other_epoch = masking.mask_tokens(ids, 0.15, bert_tok.mask_token_id, specials, len(bert_tok), masking.row_rng(0, 1, ids))
-    other_seed = masking.mask_tokens(ids, 0.15, bert_tok.mask_token_id, specials, len(bert_tok), masking.row_rng(1, 0, ids))
+    other_epoch = masking.mask_tokens(
+        ids, 0.15, bert_tok.mask_token_id, specials, len(bert_tok), masking.row_rng(0, 1, ids)
+    )
+    other_seed = masking.mask_tokens(
+        ids, 0.15, bert_tok.mask_token_id, specials, len(bert_tok), masking.row_rng(1, 0, ids)
+    )
     assert other_epoch[1] != labels and other_seed[1] != labels
 
 
@@ -118,9 +123,8 @@ def test_chosen_tokens_split_80_10_10_within_binomial_bounds(bert_tok):
 
 
 def test_prepared_mlm_rows_train_unmasked_and_hold_out_fixed_masks(tmp_path, bert_tok):
+    tok = bert_tok
     recipe = load_recipe(write_denoising_recipe(tmp_path, "mlm"))
-    tok = load_tokenizer("tiny:bert")
-    masking.add_objective_tokens("mlm", tok)
     data = prepare_data(recipe, tok)
     specials = masking.special_ids(tok)
     for ids in data.train["input_ids"]:
@@ -197,7 +201,9 @@ def reassemble(inputs: list[int], targets: list[int], sentinels: list[int], eos:
     return out
 
 
-@pytest.mark.parametrize("text", ["The quick brown fox jumps over the lazy dog.", "Day 12. Wind from the west, force 3.", "ab"])
+@pytest.mark.parametrize(
+    "text", ["The quick brown fox jumps over the lazy dog.", "Day 12. Wind from the west, force 3.", "ab"]
+)
 def test_sentinel_input_and_target_reassemble_the_text_exactly(t5_tok, text: str):
     sentinels, eos = masking.sentinel_ids(t5_tok), t5_tok.eos_token_id
     ids = t5_tok(text, add_special_tokens=False)["input_ids"]
@@ -215,10 +221,8 @@ def test_sentinel_input_and_target_reassemble_the_text_exactly(t5_tok, text: str
 
 
 def test_prepared_span_rows_fit_max_length_and_restore_every_held_out_text(tmp_path, t5_tok):
-    recipe = load_recipe(write_denoising_recipe(tmp_path, "span-corruption"))
-    tok = load_tokenizer("tiny:t5")
-    masking.add_objective_tokens("span-corruption", tok)
-    data = prepare_data(recipe, tok)
+    tok = t5_tok
+    data = prepare_data(load_recipe(write_denoising_recipe(tmp_path, "span-corruption")), tok)
     sentinels = masking.sentinel_ids(tok)
     assert all(len(ids) <= 31 for ids in data.train["input_ids"])  # room left for the EOS the input ends with
     restored = [
@@ -226,7 +230,9 @@ def test_prepared_span_rows_fit_max_length_and_restore_every_held_out_text(tmp_p
         for i, t in zip(data.eval["input_ids"], data.eval["labels"], strict=True)
     ]
     texts = counting_corpus(6, start=3).strip().split("\n\n")
-    assert [t for ids in restored for t in ids] == [t for x in texts for t in tok(x, add_special_tokens=False)["input_ids"]]
+    assert [t for ids in restored for t in ids] == [
+        t for x in texts for t in tok(x, add_special_tokens=False)["input_ids"]
+    ]
     assert all(len(ids) <= 32 for ids in data.eval["input_ids"])
 
 
