@@ -17,6 +17,7 @@ from llmtune.artifacts import is_run_dir
 from llmtune.batching import padded_batches
 from llmtune.data import Sample, encode_prompt
 from llmtune.errors import LLMTuneError
+from llmtune.masking import sentinel_ids
 from llmtune.models import checkpoint_kind, load_model, load_tokenizer, load_tuned
 from llmtune.recipe import Recipe, load_recipe
 from llmtune.templates import stop_token_ids
@@ -77,6 +78,8 @@ def generate(
         kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    # T5's sentinels are special tokens, but in a span-corruption model's answer they say which gap a span fills.
+    shown = set(sentinel_ids(tokenizer))
     completions = []
     for ids, attn, _ in padded_batches(prompts, batch_size, tokenizer.pad_token_id, model.device, left=True):
         generator, inputs = _generation_inputs(model, ids, attn)
@@ -92,18 +95,21 @@ def generate(
         # An encoder-decoder returns its decoder start token + the completion; a decoder-only model given input
         # ids returns them + the completion; given embeddings (prompt tuning), only the completion.
         given = 1 if is_encoder_decoder(model) else inputs["input_ids"].size(1) if "input_ids" in inputs else 0
-        completions.extend(_completion(row.tolist(), tokenizer, stop_ids, sampling) for row in out[:, given:])
+        completions.extend(_completion(row.tolist(), tokenizer, stop_ids, sampling, shown) for row in out[:, given:])
         if progress is not None:
             progress(ids.size(0))
     return completions
 
 
 def _completion(
-    row: list[int], tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], sampling: Sampling
+    row: list[int], tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], sampling: Sampling, shown: set[int]
 ) -> Completion:
+    """Args:
+    shown: special tokens the text keeps (the others are dropped from it)."""
     end = next((i for i, t in enumerate(row) if t in stop_ids), None)
     tokens = row if end is None else row[: end + 1]
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    hidden = set(tokenizer.all_special_ids) - shown
+    text = tokenizer.decode([t for t in tokens if t not in hidden], skip_special_tokens=not shown)
     cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
     if cut >= 0:
         return Completion(text=text[:cut].strip(), tokens=len(tokens), finish_reason="stop")

@@ -264,3 +264,16 @@ def test_chat_data_is_refused_for_mlm(tmp_path):
 def test_metrics_default_to_accuracy_and_perplexity(tmp_path):
     assert load_recipe(write_denoising_recipe(tmp_path, "mlm")).eval.metrics == ["accuracy", "perplexity"]
     assert load_recipe(write_denoising_recipe(tmp_path, "span-corruption")).eval.metrics == ["perplexity", "accuracy"]
+
+
+def test_a_generated_answer_keeps_its_sentinels_and_drops_other_special_tokens(t5_tok):
+    from llmtune.generation import Sampling, _completion
+
+    sentinels = masking.sentinel_ids(t5_tok)
+    row = [sentinels[0], *t5_tok("from", add_special_tokens=False)["input_ids"], sentinels[1], t5_tok.eos_token_id]
+    shown = set(sentinels)
+    done = _completion([t5_tok.bos_token_id, *row, 5, 6], t5_tok, [t5_tok.eos_token_id], Sampling(), shown)
+    assert done.text == "<extra_id_0>from<extra_id_1>" and done.finish_reason == "stop"
+    # A tokenizer without sentinels decodes as before: every special token dropped.
+    plain = _completion(row[1:], t5_tok, [t5_tok.eos_token_id], Sampling(), set())
+    assert plain.text == "from"
