@@ -277,3 +277,10 @@ def test_a_generated_answer_keeps_its_sentinels_and_drops_other_special_tokens(t
     # A tokenizer without sentinels decodes as before: every special token dropped.
     plain = _completion(row[1:], t5_tok, [t5_tok.eos_token_id], Sampling(), set())
     assert plain.text == "from"
+
+
+def test_a_method_that_cannot_train_the_added_mask_token_is_refused_before_the_model_loads(tmp_path):
+    from llmtune.run import finetune
+
+    with expect_error("objective mlm needs tokens the tokenizer lacks ([MASK])", "method bitfit cannot train them"):
+        finetune(write_denoising_recipe(tmp_path, "mlm", method={"name": "bitfit"}))
