@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import expect_error, write_denoising_recipe
 
 from llmtune.evaluation import evaluate
@@ -87,3 +88,22 @@ def test_an_mlm_recipe_on_a_decoder_or_a_t5_is_refused(tmp_path):
         finetune(write_denoising_recipe(tmp_path, "mlm", model="tiny:llama"))
     with expect_error("model 'tiny:bert' has no seq2seq-lm form; use tiny:t5"):
         finetune(write_denoising_recipe(tmp_path, "span-corruption", model="tiny:bert"))
+
+
+def test_a_run_resumed_in_its_second_epoch_ends_with_the_weights_of_the_uninterrupted_run(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    training = {"max_steps": 5, "batch_size": 16, "learning_rate": 1e-2, "seed": 0, "save_steps": 2}
+    recipe = write_denoising_recipe(tmp_path, "mlm", training=training)
+    run = finetune(recipe).run.path
+    straight = load_file(run / "adapter" / "adapter_model.safetensors")
+    # Resumed from step 4, past the end of the first epoch (3 steps of 16 rows): masks of epoch 1 must be redrawn
+    # exactly, whatever the loader fetched ahead before the checkpoint.
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(run / "checkpoint-4", checkpoint)
+    finetune(recipe, resume=checkpoint)
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
