@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from llmtune.errors import LLMTuneError, first_line
 from llmtune.recipe.common import models_in, spec_name
 from llmtune.recipe.data import is_local_data_ref
+from llmtune.recipe.deepspeed import check_deepspeed_config
 from llmtune.recipe.models import is_gguf_ref
 from llmtune.recipe.schema import Recipe
 from llmtune.recipe.speed import SpeedSpec
@@ -129,6 +130,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         config = base / training.deepspeed
         if not config.is_file():
             raise LLMTuneError(f"{config}: training.deepspeed file not found (paths are relative to the recipe file)")
+        check_deepspeed_config(config, training)
         training = training.model_copy(update={"deepspeed": str(config.resolve())})
     model = _resolve_model_ref(recipe.model, base, "model")
     objective = recipe.objective

@@ -1,10 +1,13 @@
 """Multi-process training (issue 7, part 5): 2 CPU processes (gloo DDP) on tiny:llama.
 
-Three jobs, started together in one module fixture:
+Four jobs, started together in one module fixture:
 - `python -m torch.distributed.run --nproc_per_node 2 -m llmtune finetune RECIPE` (torchrun as users type it);
 - `python -m llmtune finetune RECIPE --nproc 2` (llmtune relaunches itself under torchrun);
 - a launcher script under torchrun that wraps the sft trainer's `get_train_dataloader` to record the rows each
-  rank draws, then runs the real CLI (`llmtune.cli.app.main`): the ranks must draw disjoint shards.
+  rank draws, then runs the real CLI (`llmtune.cli.app.main`): the ranks must draw disjoint shards;
+- two torchrun "nodes" on 127.0.0.1 (`--nnodes 2`, one process each, c10d rendezvous) sharing one run
+  directory, through a launcher that saves each rank's trained weights at the end: the replicas must be
+  identical and equal to the single-node job's adapter.
 
 Each must train one job: one adapter, one trainer log with every step once, a completed manifest, checkpoints
 holding both ranks' RNG states, and the summary printed once, by rank 0.
@@ -36,7 +39,7 @@ ROWS = 24
 BATCH = 4
 STEPS = 2  # the torchrun and --nproc jobs; checkpoint every step
 EPOCH_STEPS = ROWS // (BATCH * NPROC)  # the shard job trains exactly one epoch: 3 steps
-LAUNCHERS = ["torchrun", "nproc"]
+LAUNCHERS = ["torchrun", "nproc", "nodes"]
 
 # Runs under torchrun: records, per rank, the rows (input_ids without padding) of every batch it draws.
 SHARD_LAUNCHER = r"""
@@ -83,6 +86,41 @@ def recording_build(*args, **kwargs):
 
 
 llmtune.objectives.OBJECTIVES["sft"].build_trainer = recording_build
+
+from llmtune.cli.app import main
+
+sys.argv = ["llmtune", *sys.argv[2:]]
+main()
+"""
+
+
+# Runs under torchrun: saves, per rank, the trainable weights as they are when training ends.
+REPLICA_LAUNCHER = r"""
+import os, sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+import llmtune.objectives
+
+out = Path(sys.argv[1])
+build = llmtune.objectives.OBJECTIVES["sft"].build_trainer
+
+
+class SaveReplica(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, out / f"replica{os.environ['RANK']}.safetensors")
+
+
+def replica_build(*args, **kwargs):
+    trainer = build(*args, **kwargs)
+    trainer.add_callback(SaveReplica())
+    return trainer
+
+
+llmtune.objectives.OBJECTIVES["sft"].build_trainer = replica_build
 
 from llmtune.cli.app import main
 
@@ -140,11 +178,13 @@ def jobs(tmp_path_factory) -> dict[str, Job]:
     write_jsonl(root / "data" / "train.jsonl", numbered_rows(ROWS))
     write_jsonl(root / "data" / "eval.jsonl", chat_rows(4))
     (root / "shard_launcher.py").write_text(SHARD_LAUNCHER, encoding="utf-8")
+    (root / "replica_launcher.py").write_text(REPLICA_LAUNCHER, encoding="utf-8")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC)]
     recipes = {
         "torchrun": write_recipe(root, "torchrun"),
         "nproc": write_recipe(root, "nproc"),
         "shards": write_recipe(root, "shards", max_steps=EPOCH_STEPS, save_steps=None),
+        "nodes": write_recipe(root, "nodes"),
     }
     commands = {
         "torchrun": [*torchrun, "--master_port", str(free_port()), "-m", "llmtune", "finetune", recipes["torchrun"]],
@@ -153,6 +193,14 @@ def jobs(tmp_path_factory) -> dict[str, Job]:
         "shards": [*torchrun, "--master_port", str(free_port()), root / "shard_launcher.py", root, "finetune"]
         + [recipes["shards"]],
     }
+    # What each node of a real cluster runs, with the first node's address as the rendezvous endpoint.
+    endpoint = f"127.0.0.1:{free_port()}"
+    for node in range(NPROC):
+        commands[f"nodes/{node}"] = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NPROC), "--nproc_per_node", "1",
+            "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "nodes",
+            root / "replica_launcher.py", root, "finetune", recipes["nodes"],
+        ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # Started together so one job's interpreter start-up overlaps another's training.
     procs = {
@@ -161,16 +209,23 @@ def jobs(tmp_path_factory) -> dict[str, Job]:
         )
         for name, command in commands.items()
     }
-    found = {}
+    results = {}
     for name, proc in procs.items():
         try:
             stdout, stderr = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-        found[name] = Job(result, recipes[name], root / "runs" / name)
-    return found
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    # The nodes' job is what the two nodes printed together; it failed if either node did.
+    nodes = [results.pop(f"nodes/{node}") for node in range(NPROC)]
+    results["nodes"] = subprocess.CompletedProcess(
+        [n.args for n in nodes],
+        max(n.returncode for n in nodes),
+        "".join(n.stdout for n in nodes),
+        "".join(n.stderr for n in nodes),
+    )
+    return {name: Job(result, recipes[name], root / "runs" / name) for name, result in results.items()}
 
 
 @pytest.fixture(params=LAUNCHERS)
@@ -269,3 +324,20 @@ def test_ddp_adapter_loads_and_evaluates(jobs: dict[str, Job]):
     report = evaluate(job.run, overrides=["eval.max_examples=2"])
     assert report.examples == 2
     assert math.isfinite(report.results["tuned"]["perplexity"])
+
+
+def test_two_nodes_train_identical_replicas_equal_to_the_single_node_run(jobs: dict[str, Job]):
+    from safetensors.torch import load_file
+
+    nodes, single = jobs["nodes"], jobs["torchrun"]
+    assert nodes.result.returncode == 0 and single.result.returncode == 0, f"{nodes}\n{single}"
+    replicas = [load_file(nodes.recipe.parent / f"replica{rank}.safetensors") for rank in range(NPROC)]
+    assert replicas[0] and replicas[0].keys() == replicas[1].keys()
+    for name, weight in replicas[0].items():
+        assert torch.equal(weight, replicas[1][name]), f"the ranks' replicas differ in {name}"
+    # Two nodes of one process each are the same 2-rank job as one node of two: the same adapter, bit for bit.
+    adapters = [load_file(job.run / "adapter" / "adapter_model.safetensors") for job in (nodes, single)]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, weight in adapters[0].items():
+        assert torch.equal(weight, adapters[1][name]), f"the two-node adapter differs from one node's in {name}"
+    assert any(w.abs().max() > 0 for n, w in adapters[0].items() if "lora_B" in n)
