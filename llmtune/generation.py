@@ -216,17 +216,22 @@ def load_generator(target: str | Path, allow_classifier: bool = False) -> Genera
     """A run directory's tuned model (adapter applied, no merge) or any model reference, ready to generate.
 
     Args:
-        allow_classifier: accept a classification run (whose `generate` is a label), for `llmtune generate`.
+        allow_classifier: accept a classification or token-classification run (whose `generate` is labels), for
+            `llmtune generate`.
     """
     path = Path(target).expanduser()
     if is_run_dir(path):
         recipe = load_recipe(path / artifacts.RECIPE_FILE)
         kind = recipe.objective.name
-        if kind == "reward-model" or (kind == "classify" and not allow_classifier):
-            what = "a reward model: it scores responses" if kind == "reward-model" else "a classifier: it labels text"
+        labeller = recipe.objective.predicts_labels
+        if kind == "reward-model" or (labeller and not allow_classifier):
+            what, prints = {
+                "reward-model": ("a reward model: it scores responses", None),
+                "token-classify": ("a tagger: it labels each word", "each word with its tag"),
+            }.get(kind, ("a classifier: it labels text", "a label"))
             raise LLMTuneError(
                 f"{path} is {what} and does not generate; `llmtune eval {path}` reports its scores"
-                + (f" and `llmtune generate {path} TEXT` prints a label" if kind == "classify" else "")
+                + (f" and `llmtune generate {path} TEXT` prints {prints}" if prints else "")
             )
         model, tokenizer = load_tuned(path)
         data = recipe.data
@@ -244,13 +249,18 @@ def load_generator(target: str | Path, allow_classifier: bool = False) -> Genera
 
 def complete(target: str, prompt: str, sampling: Sampling | None = None, raw: bool = False) -> str:
     """Answer one prompt with a run directory's tuned model or any model reference, formatted as in training; a
-    classification run gives its label and every label's probability."""
+    classification run gives its label and every label's probability, a token-classification run each word with
+    its tag."""
     generator = load_generator(target, allow_classifier=True)
     recipe = generator.recipe
     if recipe is not None and recipe.objective.name == "classify":
         from llmtune.objectives.classify import classify_text
 
         return classify_text(generator.model, generator.tokenizer, prompt, recipe)
+    if recipe is not None and recipe.objective.name == "token-classify":
+        from llmtune.objectives.token_classify import tag_text
+
+        return tag_text(generator.model, generator.tokenizer, prompt, recipe)
     ids = generator.encode_text(prompt) if raw else generator.encode([{"role": "user", "content": prompt}])
     [completion] = generator.generate([ids], sampling or Sampling())
     return completion.text

@@ -107,7 +107,10 @@ AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "token-classification": "AutoModelForTokenClassification",
 }
+# Kinds whose head is new, initialised from the torch seed: the base model scores with an untrained head.
+NEW_HEAD_KINDS = ("sequence-classification", "token-classification")
 
 
 def auto_class(kind: str):
