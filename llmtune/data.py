@@ -961,16 +961,23 @@ def encode_classification(
             ids = ids[: spec.max_length - len(closing)] + closing
         input_ids.append(ids)
         targets.append(sample.label)
+    counts = _labelled_counts(input_ids, targets, labels, spec, source, truncated=truncated, dropped=dropped)
+    return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
+
+
+def _labelled_counts(
+    input_ids: list[list[int]], targets: list[int], labels: list[str], spec: DataSpec, source: str, **cut: int
+) -> dict[str, Any]:
+    """A classifier's counts for the data report: what was cut, and how often each label is trained on (`targets`:
+    every label index); refuses a source whose every row was dropped."""
     if not input_ids:
         raise LLMTuneError(f"{source}: every row is longer than data.max_length={spec.max_length} tokens")
-    counts = {
+    return {
         "rows": len(input_ids),
-        "truncated": truncated,
-        "dropped": dropped,
+        **cut,
         "tokens": sum(len(x) for x in input_ids),
         "labels": {name: targets.count(i) for i, name in enumerate(labels)},
     }
-    return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
 
 
 # --- token classification: words, and a tag per word ---------------------------------------------
@@ -1003,17 +1010,9 @@ def encode_token_classification(
             row[position] = labels.index(sample.tags[word])
         input_ids.append(ids)
         targets.append(row)
-    if not input_ids:
-        raise LLMTuneError(f"{source}: every row is longer than data.max_length={spec.max_length} tokens")
     tagged = [t for row in targets for t in row if t != IGNORE_INDEX]
-    counts = {
-        "rows": len(input_ids),
-        "truncated": truncated,
-        "dropped": dropped,
-        "cut_words": cut_words,
-        "tokens": sum(len(x) for x in input_ids),
-        "labels": {name: tagged.count(j) for j, name in enumerate(labels)},
-    }
+    cut = {"truncated": truncated, "dropped": dropped, "cut_words": cut_words}
+    counts = _labelled_counts(input_ids, tagged, labels, spec, source, **cut)
     return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
 
 

