@@ -37,6 +37,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
     "classification": ("text", "label"),
+    "token_classification": ("tokens", "tags"),
 }
 OPTIONAL_COLUMNS = {"input"}
 # ShareGPT-style rows ({"from": "human", "value": ...}) are common enough to accept as they are.
@@ -50,6 +51,10 @@ class Sample:
     messages: list[dict[str, str]] | None = None
     segments: list[tuple[str, bool]] | None = None  # (text, carries loss); EOS is added after the last
     label: int | None = None  # format classification: index into objective.labels
+    # format token_classification: the words, and each word's tag from objective.labels (segments then hold the
+    # words joined by spaces, for whatever shows a row as text)
+    words: list[str] | None = None
+    tags: list[str] | None = None
 
     def prompt_and_reference(self) -> tuple[Sample, str] | None:
         """The part a model is given at inference, and the response it should produce (None for plain text)."""
@@ -250,6 +255,8 @@ def to_sample(row: dict[str, Any], spec: DataSpec, where: str, labels: list[str]
     if spec.format == "classification":
         text = _text(row.get(col["text"]), where, col["text"])
         return Sample(segments=[(text, False)], label=label_index(row.get(col["label"]), labels, where, col["label"]))
+    if spec.format == "token_classification":
+        return _tagged_sample(row.get(col["tokens"]), row.get(col["tags"]), labels, where, col)
     if spec.format == "text":
         text = _text(row.get(col["text"]), where, col["text"])
         return Sample(segments=[(text, True)])
@@ -282,6 +289,23 @@ def _text(value: Any, where: str, column: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise LLMTuneError(f"{where}: column {column!r} is empty or not text; every row needs a response")
     return value
+
+
+def _tagged_sample(words: Any, tags: Any, labels: list[str], where: str, col: dict[str, str]) -> Sample:
+    """A row of words, each with its tag (a name from `labels` or its index)."""
+    if not isinstance(words, list) or not words:
+        raise LLMTuneError(f"{where}: column {col['tokens']!r} must be a non-empty list of words")
+    for i, word in enumerate(words):
+        if not isinstance(word, str) or not word.strip():
+            raise LLMTuneError(
+                f"{where}: {col['tokens']}[{i}] is {word!r}, not a word; every token must be non-empty text"
+            )
+    if not isinstance(tags, list):
+        raise LLMTuneError(f"{where}: column {col['tags']!r} must be a list of tags, one per word")
+    if len(tags) != len(words):
+        raise LLMTuneError(f"{where}: {len(words)} tokens but {len(tags)} tags; give exactly one tag per word")
+    names = [labels[label_index(tag, labels, where, f"{col['tags']}[{i}]")] for i, tag in enumerate(tags)]
+    return Sample(segments=[(" ".join(words), False)], words=list(words), tags=names)
 
 
 def _preference_sample(row: dict[str, Any], spec: DataSpec, where: str, col: dict[str, str]) -> PreferenceSample:
@@ -942,13 +966,85 @@ def encode_classification(
             ids = ids[: spec.max_length - len(closing)] + closing
         input_ids.append(ids)
         targets.append(sample.label)
+    counts = _labelled_counts(input_ids, targets, labels, spec, source, truncated=truncated, dropped=dropped)
+    return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
+
+
+def _labelled_counts(
+    input_ids: list[list[int]], targets: list[int], labels: list[str], spec: DataSpec, source: str, **cut: int
+) -> dict[str, Any]:
+    """A classifier's counts for the data report: what was cut, and how often each label is trained on (`targets`:
+    every label index); refuses a source whose every row was dropped."""
     if not input_ids:
         raise LLMTuneError(f"{source}: every row is longer than data.max_length={spec.max_length} tokens")
-    counts = {
+    return {
         "rows": len(input_ids),
-        "truncated": truncated,
-        "dropped": dropped,
+        **cut,
         "tokens": sum(len(x) for x in input_ids),
         "labels": {name: targets.count(i) for i, name in enumerate(labels)},
     }
+
+
+# --- token classification: words, and a tag per word ---------------------------------------------
+
+
+def encode_token_classification(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, labels: list[str], source: str
+) -> tuple[Dataset, dict[str, Any]]:
+    """Token ids of the words (with the tokenizer's special tokens) and labels: each word's tag index on its first
+    sub-token, -100 on its other sub-tokens and on special tokens, so every word counts once in loss and scores.
+
+    A row over max_length loses its trailing words (a word whose first sub-token is cut goes untagged); the
+    counts say how many (`cut_words`), or with data.overflow: drop the row goes.
+    """
+    from datasets import Dataset
+
+    input_ids, targets = [], []
+    truncated = dropped = cut_words = 0
+    for i, sample in enumerate(samples, 1):
+        ids, first = tokenize_words(tokenizer, sample.words, f"{source}: row {i}")
+        if len(ids) > spec.max_length:
+            if spec.overflow == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            ids, first = tokenize_words(tokenizer, sample.words, f"{source}: row {i}", spec.max_length)
+            cut_words += len(sample.words) - len(first)
+        row = [IGNORE_INDEX] * len(ids)
+        for word, position in enumerate(first):
+            row[position] = labels.index(sample.tags[word])
+        input_ids.append(ids)
+        targets.append(row)
+    tagged = [t for row in targets for t in row if t != IGNORE_INDEX]
+    cut = {"truncated": truncated, "dropped": dropped, "cut_words": cut_words}
+    counts = _labelled_counts(input_ids, tagged, labels, spec, source, **cut)
     return Dataset.from_dict({"input_ids": input_ids, "labels": targets}), counts
+
+
+def tokenize_words(
+    tokenizer: PreTrainedTokenizerBase, words: list[str], where: str, max_length: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of pre-split words, and the position of each word's first sub-token (words cut by `max_length`
+    have none, so the list is shorter than `words`)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise LLMTuneError(
+            f"tokenizer {tokenizer.name_or_path!r} is not a fast (Rust) tokenizer, so it cannot say which word each "
+            "token comes from; objective token-classify needs one (a tokenizer.json)"
+        )
+    try:
+        enc = tokenizer(words, is_split_into_words=True, truncation=max_length is not None, max_length=max_length)
+    except (ValueError, AssertionError) as e:  # byte-level BPE tokenizers built without add_prefix_space refuse
+        name = tokenizer.name_or_path
+        raise LLMTuneError(f"tokenizer {name!r} cannot read pre-split words: {first_line(e)}") from None
+    first: dict[int, int] = {}
+    for position, word in enumerate(enc.word_ids()):
+        if word is not None:
+            first.setdefault(word, position)
+    kept = len(first)
+    if max_length is None and kept < len(words):
+        missing = next(w for w in range(len(words)) if w not in first)
+        raise LLMTuneError(
+            f"{where}: word {missing} ({words[missing]!r}) gives no tokens with tokenizer {tokenizer.name_or_path!r}, "
+            "so it cannot be tagged; remove or replace it"
+        )
+    return list(enc["input_ids"]), [first[w] for w in range(kept)]

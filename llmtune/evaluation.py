@@ -18,6 +18,7 @@ from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, pr
 from llmtune.errors import LLMTuneError
 from llmtune.generation import generate_texts, is_encoder_decoder, prompt_learning_config
 from llmtune.models import (
+    NEW_HEAD_KINDS,
     load_base_model,
     load_config,
     load_recipe_tokenizer,
@@ -89,7 +90,7 @@ def evaluate(
             results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
 
     notes = []
-    if "base" in results and recipe.objective.model_kind == "sequence-classification":
+    if "base" in results and recipe.objective.model_kind in NEW_HEAD_KINDS:
         notes.append(
             "base: its classification head is new and untrained (initialised from training.seed); its scores are "
             "those of the model training started from, not of a trained classifier"
@@ -98,6 +99,12 @@ def evaluate(
         notes.append(
             f"base: {recipe.model} ships no masked-LM head, so its head is new (initialised from training.seed); "
             "its scores are those of the model training started from, not of a pretrained masked LM"
+        )
+    if samples[0].words is not None and (cut := sum(tag is None for row in generations[label] for tag in row)):
+        words = sum(len(s.words) for s in samples)
+        notes.append(
+            f"{cut} of {words} held-out words lie past data.max_length={recipe.data.max_length} tokens and are not "
+            "scored (their prediction is null in the predictions file); raise data.max_length to score them"
         )
     predictions = _prediction_rows(samples, tokenizer, generations, is_encoder_decoder(model))
     if out is not None:
@@ -145,13 +152,17 @@ def _predictions_path(out: Path, target: Path) -> Path:
 def _prediction_rows(
     samples: list[Sample],
     tokenizer: PreTrainedTokenizerBase,
-    generations: dict[str, list[str] | None],
+    generations: dict[str, list[Any] | None],
     encoder_decoder: bool,
 ) -> list[dict[str, Any]]:
     if any(g is None for g in generations.values()):
         return []
     rows = []
     for i, sample in enumerate(samples):
+        if sample.words is not None:  # token classification: a tag per word
+            predicted = {name: gens[i] for name, gens in generations.items()}
+            rows.append({"tokens": sample.words, "tags": sample.tags, "prediction": predicted})
+            continue
         prompt, reference = sample.prompt_and_reference()
         rows.append(
             {

@@ -222,17 +222,22 @@ class Generator:
 _NOT_GENERATING = {
     "reward-model": "a reward model: it scores responses",
     "classify": "a classifier: it labels text",
+    "token-classify": "a tagger: it labels each word",
     "mlm": "a masked language model: it predicts the tokens hidden behind its mask token",
 }
-_ANSWERS = {"classify": "TEXT` prints a label", "mlm": "'TEXT with [MASK]'` prints its predictions for each mask"}
+_ANSWERS = {
+    "classify": "TEXT` prints a label",
+    "token-classify": "TEXT` prints each word with its tag",
+    "mlm": "'TEXT with [MASK]'` prints its predictions for each mask",
+}
 
 
 def load_generator(target: str | Path, allow_classifier: bool = False) -> Generator:
     """A run directory's tuned model (adapter applied, no merge) or any model reference, ready to generate.
 
     Args:
-        allow_classifier: accept a classification run (whose `generate` is a label) or a masked LM run (its
-            predictions for the mask tokens), for `llmtune generate`.
+        allow_classifier: accept a classification or token-classification run (whose `generate` is labels)
+            or a masked LM run (its predictions for the mask tokens), for `llmtune generate`.
     """
     path = Path(target).expanduser()
     if is_run_dir(path):
@@ -259,7 +264,8 @@ def load_generator(target: str | Path, allow_classifier: bool = False) -> Genera
 
 def complete(target: str, prompt: str, sampling: Sampling | None = None, raw: bool = False) -> str:
     """Answer one prompt with a run directory's tuned model or any model reference, formatted as in training; a
-    classification run gives its label and every label's probability, a masked LM run its fill-mask predictions."""
+    classification run gives its label and every label's probability, a token-classification run each word with
+    its tag, a masked LM run its fill-mask predictions."""
     generator = load_generator(target, allow_classifier=True)
     recipe = generator.recipe
     if recipe is not None and recipe.objective.name == "classify":
@@ -270,6 +276,10 @@ def complete(target: str, prompt: str, sampling: Sampling | None = None, raw: bo
         from llmtune.objectives.denoising import fill_mask
 
         return fill_mask(generator.model, generator.tokenizer, prompt)
+    if recipe is not None and recipe.objective.name == "token-classify":
+        from llmtune.objectives.token_classify import tag_text
+
+        return tag_text(generator.model, generator.tokenizer, prompt, recipe)
     ids = generator.encode_text(prompt) if raw else generator.encode([{"role": "user", "content": prompt}])
     [completion] = generator.generate([ids], sampling or Sampling())
     return completion.text

@@ -15,7 +15,7 @@ import torch
 from llmtune import artifacts
 from llmtune.artifacts import check_run_dir_free, open_run, staged_dir
 from llmtune.batching import pad_batch
-from llmtune.data import Sample, encode, encode_classification, split_samples
+from llmtune.data import Sample, encode, encode_classification, encode_token_classification, split_samples
 from llmtune.errors import LLMTuneError
 from llmtune.masking import text_rows
 from llmtune.models import auto_class, load_tuned
@@ -158,6 +158,11 @@ def probe_ids(recipe: Recipe | None, tokenizer: PreTrainedTokenizerBase) -> list
     if held_out and recipe.objective.name in DENOISING_OBJECTIVES:
         # Uncorrupted rows as those objectives cut them: an encoder's text carries no EOS to add.
         return text_rows(recipe, tokenizer, held_out)[0]
+    if held_out and recipe.objective.name == "token-classify":
+        # The words as the tagger reads them; the check compares every position's tag logits, not only first
+        # sub-tokens.
+        data, _ = encode_token_classification(held_out, tokenizer, recipe.data, recipe.objective.labels, "held-out")
+        return data["input_ids"]
     prompts = [encode(s, tokenizer)[0] for s in held_out]
     return prompts or [tokenizer(text)["input_ids"] for text in FALLBACK_PROBES]
 

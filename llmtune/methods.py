@@ -40,7 +40,10 @@ PEFT_TASK_TYPES = {
     "sequence-classification": "SEQ_CLS",
     "seq2seq-lm": "SEQ_2_SEQ_LM",
     "masked-lm": None,
+    "token-classification": "TOKEN_CLS",
 }
+# Task types whose head is new: peft keeps it trainable (modules_to_save), and so must every other method.
+NEW_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 # Biased models users can reach for when BitFit refuses a bias-free one.
 MODELS_WITH_BIASES = "GPT-2, OPT, BLOOM, Pythia/GPT-NeoX, BERT, Qwen2/2.5 (q/k/v biases)"
@@ -77,6 +80,9 @@ def build_lora(
         init_lora_weights=True if spec.init == "default" else spec.init,
         task_type=task_type,
         trainable_token_indices=_token_rows(model, new_tokens or [], spec.modules_to_save) or None,
+        # peft leaves a SEQ_CLS head out of all-linear itself but not a TOKEN_CLS one, and a head given LoRA
+        # layers cannot also train in full.
+        exclude_modules=[classification_head(model)] if task_type == "TOKEN_CLS" else None,
     )
     return _peft(model, config)
 
@@ -267,7 +273,7 @@ def build_bitfit(
 
 
 def build_head(spec: HeadSpec, model: PreTrainedModel, tokenizer=None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
-    if task_type == "SEQ_CLS":
+    if task_type in NEW_HEAD_TASKS:
         head = classification_head(model)
         return _train_only(model, lambda name: name.startswith(f"{head}."))
     head = model.get_output_embeddings()
@@ -325,12 +331,13 @@ def _example_name(model: PreTrainedModel) -> str:
     return next(name for name, _ in model.named_parameters())
 
 
-# Where transformers puts the new head of a sequence classifier: Llama/Qwen/GPT-2 `score`, BERT-likes `classifier`.
+# Where transformers puts the new head of a sequence or token classifier: Llama/Qwen/GPT-2 `score`, BERT-likes
+# `classifier`.
 CLASSIFICATION_HEADS = ("score", "classifier")
 
 
 def classification_head(model: PreTrainedModel) -> str:
-    """Name of a sequence classifier's head module."""
+    """Name of a sequence or token classifier's head module."""
     children = dict(model.named_children())
     for name in CLASSIFICATION_HEADS:
         if name in children:
@@ -342,9 +349,9 @@ def classification_head(model: PreTrainedModel) -> str:
 
 
 def _train_only(model: PreTrainedModel, wanted: Callable[[str], bool], task_type: str = "") -> PreTrainedModel:
-    """Train the parameters `wanted` picks; a classifier's new head always trains, as peft keeps it for SEQ_CLS:
-    a randomly initialised head left frozen would make the classifier guess."""
-    head = f"{classification_head(model)}." if task_type == "SEQ_CLS" else None
+    """Train the parameters `wanted` picks; a classifier's new head always trains, as peft keeps it for SEQ_CLS and
+    TOKEN_CLS: a randomly initialised head left frozen would make the classifier guess."""
+    head = f"{classification_head(model)}." if task_type in NEW_HEAD_TASKS else None
     for name, p in model.named_parameters():
         p.requires_grad_(wanted(name) or (head is not None and name.startswith(head)))
     return model

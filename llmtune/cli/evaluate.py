@@ -16,7 +16,8 @@ def evaluate(
     ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Score a model on held-out data: perplexity, BLEU, ROUGE, exact match (classifiers: accuracy, macro-F1).
+    """Score a model on held-out data: perplexity, BLEU, ROUGE, exact match (classifiers: accuracy, macro-F1;
+    taggers: word accuracy, precision, recall, F1).
 
     Example: llmtune eval runs/quickstart --compare-base
     """

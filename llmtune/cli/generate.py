@@ -33,7 +33,7 @@ def generate(
     ] = False,
 ) -> None:
     """Complete a prompt, or a file of prompts, with a tuned run or any model; a classifier run prints the label
-    and its probabilities.
+    and its probabilities, a token-classify run each word with its tag (word/TAG).
 
     Example: llmtune generate runs/quickstart "Write the date 5 March 2021 in ISO format."
 

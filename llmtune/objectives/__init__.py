@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llmtune.evaluation import score_responses
-from llmtune.objectives import classify, denoising, distill, grpo, lm, preference, seq2seq, sft
+from llmtune.objectives import classify, denoising, distill, grpo, lm, preference, seq2seq, sft, token_classify
 from llmtune.objectives.base import Objective
 
 if TYPE_CHECKING:
@@ -23,6 +23,9 @@ OBJECTIVES: dict[str, Objective] = {
     # Continued pretraining is SFT over text blocks whose every token is a label.
     "lm": Objective(lm.prepare_blocks, sft.build_sft, lm.score_lm),
     "classify": Objective(classify.prepare_classification, classify.build_classify, classify.score_classify),
+    "token-classify": Objective(
+        token_classify.prepare_tagged, token_classify.build_token_classify, token_classify.score_token_classify
+    ),
     "distill": Objective(sft.prepare_rows, distill.build_distill, score_responses),
     "seq2seq": Objective(sft.prepare_rows, seq2seq.build_seq2seq, score_responses),
     "dpo": Objective(preference.prepare_pairs, preference.build_dpo, preference.score_preferences),

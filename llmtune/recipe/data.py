@@ -13,7 +13,9 @@ from llmtune.templates import check_choice
 # anything else is taken as a dataset name on the Hugging Face Hub.
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 SEQ2SEQ_FORMATS = ("prompt_completion", "instruction")
-DataFormat = Literal["chat", "instruction", "prompt_completion", "text", "preference", "classification"]
+DataFormat = Literal[
+    "chat", "instruction", "prompt_completion", "text", "preference", "classification", "token_classification"
+]
 # What a format's rows become: sources of one mixture must all give the same kind (a conversation is a prompt and a
 # response, whichever of these formats it was written in).
 SAMPLE_KINDS: dict[str, str] = {
@@ -23,6 +25,7 @@ SAMPLE_KINDS: dict[str, str] = {
     "text": "text",
     "preference": "preference",
     "classification": "classification",
+    "token_classification": "token_classification",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -19,6 +20,9 @@ class _ObjectiveOptions(Spec):
     # Trains by next-token cross-entropy over labelled positions through TRL's SFT trainer, whose loss
     # speed.fused_loss computes without the other positions' logits and whose batches may be padding-free.
     token_loss: ClassVar[bool] = False
+    # Trains a head that predicts objective.labels (per text or per word) instead of text: `generate` prints the
+    # labels, and serve, chat and export, which need a model that generates, refuse it.
+    predicts_labels: ClassVar[bool] = False
 
     def head_config(self) -> dict[str, Any]:
         """Config attributes the model needs for this objective (e.g. the labels of a classification head)."""
@@ -135,6 +139,24 @@ class LMSpec(_ObjectiveOptions):
     eval_metrics: ClassVar[tuple[str, ...]] = ("perplexity",)
 
 
+def _distinct_labels(labels: list[str]) -> list[str]:
+    if any(not label.strip() for label in labels):
+        raise ValueError("a label name is empty")
+    if len(set(labels)) != len(labels):
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        raise ValueError(f"{', '.join(repeated)} listed more than once")
+    return labels
+
+
+def _label_head(labels: list[str]) -> dict[str, Any]:
+    """A classification head's size and label names, so a merged or fully tuned model names its labels."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
 class ClassifySpec(_ObjectiveOptions):
     """Sequence classification: a new head over the model maps each text to one of `labels`."""
 
@@ -143,24 +165,56 @@ class ClassifySpec(_ObjectiveOptions):
         min_length=2, description="class names; a row's label is one of them or its index (0 = the first)"
     )
     model_kind: ClassVar[str] = "sequence-classification"
+    predicts_labels: ClassVar[bool] = True
     eval_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
 
-    @field_validator("labels")
-    @classmethod
-    def _distinct_labels(cls, labels: list[str]) -> list[str]:
-        if any(not label.strip() for label in labels):
-            raise ValueError("a label name is empty")
-        if len(set(labels)) != len(labels):
-            repeated = sorted({label for label in labels if labels.count(label) > 1})
-            raise ValueError(f"{', '.join(repeated)} listed more than once")
-        return labels
+    _distinct = field_validator("labels")(_distinct_labels)
 
     def head_config(self) -> dict[str, Any]:
-        return {
-            "num_labels": len(self.labels),
-            "id2label": dict(enumerate(self.labels)),
-            "label2id": {label: i for i, label in enumerate(self.labels)},
-        }
+        return _label_head(self.labels)
+
+
+# Tags of the IOB schemes: outside any entity, or the beginning / inside of an entity of a type.
+IOB_TAG = re.compile(r"O|[BI]-\S+")
+
+
+class TokenClassifySpec(_ObjectiveOptions):
+    """Token classification (POS tagging, NER): a new head gives each word one of `labels`, read at the word's
+    first sub-token."""
+
+    name: Literal["token-classify"]
+    labels: list[str] = Field(
+        min_length=2,
+        description="tag names; a row's tags are these names (or their indices), one per word; the model's "
+        "id2label / label2id come from them",
+    )
+    scheme: Literal["iob1", "iob2", "none"] | None = Field(
+        None,
+        description="how tags mark entities, for entity-level precision / recall / F1 (seqeval): iob2 (BIO: every "
+        "entity starts with B-), iob1 (B- only between two adjacent entities of a type), none (tags such as POS "
+        "with no entities: precision / recall / F1 per tag, macro-averaged); default: iob2 when every label is O, "
+        "B-TYPE or I-TYPE, else none",
+    )
+    model_kind: ClassVar[str] = "token-classification"
+    predicts_labels: ClassVar[bool] = True
+    eval_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "precision", "recall", "f1")
+
+    _distinct = field_validator("labels")(_distinct_labels)
+
+    @model_validator(mode="after")
+    def _scheme_fits_labels(self) -> TokenClassifySpec:
+        outside = [label for label in self.labels if not IOB_TAG.fullmatch(label)]
+        if self.scheme is None:
+            self.scheme = "none" if outside or not any(label.startswith("B-") for label in self.labels) else "iob2"
+        elif self.scheme != "none" and outside:
+            raise ValueError(
+                f"scheme {self.scheme}: labels {', '.join(outside)} are not O, B-TYPE or I-TYPE; set scheme: none "
+                "for tags that mark no entities (POS tags)"
+            )
+        return self
+
+    def head_config(self) -> dict[str, Any]:
+        return _label_head(self.labels)
 
 
 class StudentSpec(Spec):
@@ -251,6 +305,7 @@ ObjectiveSpec = Annotated[
         DistillSpec,
         LMSpec,
         ClassifySpec,
+        TokenClassifySpec,
         Seq2SeqSpec,
         DPOSpec,
         ORPOSpec,

