@@ -52,6 +52,7 @@ def _enabled(config: dict[str, Any], precision: str) -> Any:
     section = config.get(precision, {})
     return section.get("enabled", "auto") if isinstance(section, dict) else section
 
+
 def _check_zero(path: Path, zero: Any) -> None:
     if not isinstance(zero, dict):
         raise LLMTuneError(f"{path}: zero_optimization must be an object with a 'stage'")
@@ -84,7 +85,7 @@ def _check_matches(path: Path, config: dict[str, Any], key: str, value: float, w
     given = config.get(key, "auto")
     if given != "auto" and given != value:
         raise LLMTuneError(
-            f"{path}: {key} is {given!r} but {what} is {value}; set it to \"auto\" (filled from the recipe) "
+            f'{path}: {key} is {given!r} but {what} is {value}; set it to "auto" (filled from the recipe) '
             f"or make them equal"
         )
 

@@ -18,7 +18,12 @@ SUBJECTS = {
     "meal": ["the pasta", "dinner here", "the tasting menu", "the soup"],
     "gadget": ["the phone", "this blender", "the headphones", "the new laptop"],
 }
-OPENINGS = ["I tried {s} last week.", "We finally got around to {s}.", "A friend recommended {s}.", "{S} arrived on time."]
+OPENINGS = [
+    "I tried {s} last week.",
+    "We finally got around to {s}.",
+    "A friend recommended {s}.",
+    "{S} arrived on time.",
+]
 POSITIVE = [
     "{S} was a delight from start to finish.",
     "{S} is never boring.",
@@ -53,7 +58,7 @@ def review(label: str, rng: random.Random) -> str:
 def main(out: Path) -> None:
     rng = random.Random(0)
     rows = []
-    for i in range(400):
+    for _ in range(400):
         label = ["negative", "positive"][rng.random() < 0.5]
         rows.append({"text": review(label, rng), "label": label})
     out.mkdir(parents=True, exist_ok=True)
