@@ -75,7 +75,11 @@ def evaluate_harness(
         raise LLMTuneError("--harness: give one or more lm-eval task names, comma-separated (e.g. hellaswag,arc_easy)")
     if include is not None and not include.is_dir():
         raise LLMTuneError(f"{include}: --harness-include needs a directory of lm-eval task YAML files")
-    manager = _resolve_tasks(names, include)  # before loading the model: a typo should not wait for it
+    # Tasks first, their datasets fetched: a typo or a dataset out of reach should not wait for the model.
+    manager = _resolve_tasks(names, include)
+    offline = _offline()
+    with _quiet():
+        loaded = [task for name in names for task in _load_task(manager, name, include, offline)]
     path = Path(target)
     model, tokenizer, recipe, label = _load_target(path, overrides or [])
     settings = {
@@ -85,13 +89,14 @@ def evaluate_harness(
         "apply_chat_template": chat,
         "system_instruction": recipe.data.system_prompt if recipe and chat else None,
     }
-    raw = {label: _run(model, tokenizer, names, manager, include, **settings)}
+    raw = {label: _run(model, tokenizer, loaded, manager, **settings)}
     if compare_base and label == "tuned":
         # Imported here: evaluation imports the objectives, and with them TRL.
         from llmtune.evaluation import _base_of
 
         with _base_of(model, recipe, tokenizer) as base:
-            raw["base"] = _run(base, tokenizer, names, manager, include, **settings)
+            # The same task objects: each evaluation rebuilds its requests and reseeds its few-shot sampler.
+            raw["base"] = _run(base, tokenizer, loaded, manager, **settings)
     results = {column: _metrics(r["results"]) for column, r in raw.items()}
     first = raw[label]
     task_facts = {
@@ -183,9 +188,8 @@ def _resolve_tasks(names: list[str], include: Path | None) -> TaskManager:
 def _run(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    names: list[str],
+    tasks: list,
     manager: TaskManager,
-    include: Path | None,
     **settings: Any,
 ) -> dict[str, Any]:
     import lm_eval
@@ -194,9 +198,7 @@ def _run(
     model.eval()
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.pop("batch_size"))
-        offline = _offline()
-        loaded = [task for name in names for task in _load_task(manager, name, include, offline)]
-        return lm_eval.simple_evaluate(lm, tasks=loaded, task_manager=manager, log_samples=False, **settings)
+        return lm_eval.simple_evaluate(lm, tasks=tasks, task_manager=manager, log_samples=False, **settings)
 
 
 def _load_task(manager: TaskManager, name: str, include: Path | None, offline: bool) -> list:
@@ -236,7 +238,7 @@ def _task_spec(manager: TaskManager, name: str, include: Path | None) -> str | d
     kwargs = config.get("dataset_kwargs") or {}
     if "data_files" not in kwargs:
         return name
-    here = entry.yaml_path.parent
+    here = entry.yaml_path.resolve().parent
     files = _map_paths(kwargs["data_files"], lambda p: str(here / p) if glob.glob(str(here / p)) else p)
     return {**config, "dataset_kwargs": {**kwargs, "data_files": files}}
 
