@@ -82,7 +82,9 @@ def test_harness_scores_tuned_and_base_as_recomputed_from_the_models_own_likelih
     with model.disable_adapter():
         base_scores = choice_logps(model, tokenizer, rows)
     # The adapter moved every likelihood, and the harness saw it: the columns are different models.
-    assert all(abs(t - b) > 1e-4 for ts, bs in zip(tuned_scores, base_scores) for t, b in zip(ts, bs))
+    assert all(
+        abs(t - b) > 1e-4 for ts, bs in zip(tuned_scores, base_scores, strict=True) for t, b in zip(ts, bs, strict=True)
+    )
     for column, scores in (("tuned", tuned_scores), ("base", base_scores)):
         expected = by_hand(scores, rows)
         assert saved["results"][column] == pytest.approx(expected, abs=1e-6), column

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmtune.harness import _metrics, _task_spec, _task_manager
+from llmtune.harness import _metrics, _task_manager, _task_spec
 
 
 def test_results_become_task_metric_rows_with_filters_named_and_non_numbers_dropped():
