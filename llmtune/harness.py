@@ -138,6 +138,8 @@ def _load_target(
         tokenizer = load_recipe_tokenizer(recipe)
         prepare_tokenizer(recipe, tokenizer)
         return on_device(load_base_model(recipe, quantized=False, tokenizer=tokenizer)), tokenizer, recipe, "base"
+    if overrides:
+        raise LLMTuneError(f"{path}: --set changes a recipe, and a model reference has none; give a recipe or a run")
     from llmtune.generation import load_generator
 
     generator = load_generator(path)

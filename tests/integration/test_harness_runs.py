@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TESTS, expect_error, read_jsonl, write_tiny_recipe
+from helpers import TESTS, expect_error, read_jsonl, write_classify_recipe, write_tiny_recipe
 from typer.testing import CliRunner
 
 from llmtune.cli.app import app, main
@@ -134,3 +134,11 @@ def test_an_unknown_task_names_its_close_matches():
 def test_a_missing_include_directory_is_refused(tmp_path):
     with expect_error(str(tmp_path / "nope"), "--harness-include"):
         evaluate_harness("tiny:llama", TASK, include=tmp_path / "nope")
+
+
+def test_a_classifier_recipe_is_refused_before_its_model_loads(tmp_path):
+    path = write_classify_recipe(tmp_path)
+    with expect_error(str(path), "sequence-classification", "without --harness"):
+        evaluate_harness(path, TASK, include=TASKS)
+    with expect_error("--set", "model reference"):
+        evaluate_harness("tiny:llama", TASK, include=TASKS, overrides=["eval.batch_size=2"])
