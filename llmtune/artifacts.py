@@ -9,6 +9,7 @@ RUN/
   metrics.json           training metrics, parameter counts, data report
   trainer_log.jsonl      one line per logging step
   eval.json, eval_predictions.jsonl   written by `llmtune eval`
+  harness.json           lm-evaluation-harness results, written by `llmtune eval --harness`
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ METRICS_FILE = "metrics.json"
 TRAINER_LOG_FILE = "trainer_log.jsonl"
 EVAL_FILE = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
+HARNESS_FILE = "harness.json"
 SPEED_FILE = "speed.json"  # the speed plan the run trained with
 
 

@@ -15,12 +15,43 @@ def evaluate(
         Path | None, typer.Option("--out", help="Results JSON; default RUN_DIR/eval.json for a run directory.")
     ] = None,
     overrides: Overrides = None,
+    harness: Annotated[
+        str | None,
+        typer.Option(
+            "--harness",
+            help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy), instead of the held-out "
+            "data; results in RUN_DIR/harness.json (or --out).",
+        ),
+    ] = None,
+    harness_include: Annotated[
+        Path | None,
+        typer.Option("--harness-include", help="A directory of lm-eval task YAML files (local tasks run offline)."),
+    ] = None,
+    harness_limit: Annotated[
+        int | None, typer.Option("--harness-limit", min=1, help="Score at most N examples of each harness task.")
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option("--num-fewshot", min=0, help="Few-shot examples per harness question.")
+    ] = None,
+    harness_chat: Annotated[
+        bool,
+        typer.Option("--harness-chat", help="Put harness prompts through the chat template (default: plain text)."),
+    ] = False,
 ) -> None:
     """Score a model on held-out data: perplexity, BLEU, ROUGE, exact match (classifiers: accuracy, macro-F1;
     taggers: word accuracy, precision, recall, F1).
 
     Example: llmtune eval runs/quickstart --compare-base
     """
+    if harness is not None:
+        from llmtune.harness import evaluate_harness
+
+        found = evaluate_harness(
+            target, harness, compare_base, harness_include, harness_limit, num_fewshot, harness_chat, out, overrides
+        )
+        typer.echo(format_table(found.results))
+        typer.echo("\n".join(found.summary()))
+        return
     from llmtune.evaluation import evaluate as run_eval
 
     report = run_eval(target, compare_base=compare_base, out=out, overrides=overrides or [])
