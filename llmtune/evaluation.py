@@ -16,7 +16,7 @@ from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.batching import padded_batches
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, prepare_tokenizer, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.generation import generate_texts, is_encoder_decoder, prompt_learning_config
+from llmtune.generation import Sampling, generate_texts, is_encoder_decoder, prompt_learning_config
 from llmtune.models import (
     load_base_model,
     load_recipe_tokenizer,
@@ -199,10 +199,12 @@ def score_responses(
         return results, None
     prompts = [encode_prompt(p, tokenizer, is_encoder_decoder(model)) for p, _ in pairs]
     references = [r for _, r in pairs]
+    spec = recipe.eval
+    sampling = Sampling(
+        max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams, repetition_penalty=spec.repetition_penalty
+    )
     with progress.rows(len(prompts), "generate") as advance:
-        predictions = generate_texts(
-            model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size, progress=advance
-        )
+        predictions = generate_texts(model, tokenizer, prompts, sampling, spec.batch_size, progress=advance)
     if "bleu" in wanted:
         results["bleu"] = metrics.bleu(predictions, references)
     if "rouge" in wanted:

@@ -94,6 +94,16 @@ class EvalSpec(Spec):
         description="default: what the objective reports (sft: the first four; classify: accuracy, macro-F1)",
     )
     max_new_tokens: int = Field(64, gt=0)
+    num_beams: int = Field(
+        1, ge=1, description="generation metrics: beam search over this many candidates; 1: greedy decoding"
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="generation metrics: divide the score of tokens already in the prompt or the answer by this "
+        "(above 1 discourages repeats); null: off",
+    )
     batch_size: int = Field(8, gt=0)
     max_examples: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
 
