@@ -134,9 +134,10 @@ def test_cli_prints_the_columns_and_refuses_a_bad_mode(tmp_path):
     path = _recipe(tmp_path)
     result = CliRunner().invoke(app, ["eval", str(path), "--prompting", "zero-shot, few-shot:1"])
     assert result.exit_code == 0, result.output
-    header = result.output.splitlines()[0].split()
-    assert header == ["metric", "zero-shot", "few-shot:1", "base"]
-    assert all(len(line.split()) == 4 for line in result.output.splitlines()[1:8])
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("metric"))
+    assert lines[start].split() == ["metric", "zero-shot", "few-shot:1", "base"]
+    assert [len(line.split()) for line in lines[start + 1 : start + 8]] == [4] * 7
     result = CliRunner().invoke(app, ["eval", str(path), "--prompting", "three-shot"])
     assert isinstance(result.exception, LLMTuneError) and result.exception.exit_code == 2
     assert "'three-shot' is not a prompting mode" in str(result.exception)
