@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import expect_error
 
+from llmtune.errors import LLMTuneError
 from llmtune.generation import Generator, Sampling, generate
 from llmtune.models import load_model, load_tokenizer
 from llmtune.templates import stop_token_ids
@@ -125,3 +126,19 @@ def test_beam_search_cannot_stream():
     model, tok = _tiny()
     with expect_error("num_beams 2", "cannot stream"):
         generate(model, tok, [tok("hi")["input_ids"]], Sampling(num_beams=2), batch_size=1, streamer=BaseStreamer())
+
+
+def test_generate_cli_takes_beams_and_a_repetition_penalty():
+    from typer.testing import CliRunner
+
+    from llmtune.cli.app import app
+    from llmtune.generation import complete
+
+    options = ["--max-new-tokens", "8", "--num-beams", "3", "--repetition-penalty", "2.0"]
+    result = CliRunner().invoke(app, ["generate", "tiny:llama", "hello there", *options])
+    assert result.exit_code == 0, result.output
+    expected = complete("tiny:llama", "hello there", Sampling(max_new_tokens=8, num_beams=3, repetition_penalty=2.0))
+    assert result.stdout.strip() == expected
+    assert expected != complete("tiny:llama", "hello there", Sampling(max_new_tokens=8))
+    refused = CliRunner().invoke(app, ["generate", "tiny:llama", "hi", "--repetition-penalty", "0"])
+    assert isinstance(refused.exception, LLMTuneError) and "repetition_penalty 0.0" in str(refused.exception)
