@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from llmtune.artifacts import RunDir, is_run_dir
 from llmtune.batching import padded_batches
 from llmtune.data import IGNORE_INDEX, Sample, encode_dataset, encode_prompt, prepare_tokenizer, split_samples
 from llmtune.errors import LLMTuneError
-from llmtune.generation import generate_texts, is_encoder_decoder, prompt_learning_config
+from llmtune.generation import Sampling, generate_texts, is_encoder_decoder, prompt_learning_config
 from llmtune.models import (
     NEW_HEAD_KINDS,
     load_base_model,
@@ -49,9 +50,16 @@ def evaluate(
     compare_base: bool = False,
     out: Path | None = None,
     overrides: list[str] | None = None,
+    prompting: list[str] | None = None,
 ) -> EvalReport:
-    """Evaluate a run directory (tuned, and base with `compare_base`) or a recipe's base model."""
+    """Evaluate a run directory (tuned, and base with `compare_base`) or a recipe's base model.
+
+    Args:
+        prompting: prompting baselines to score too (see llmtune.prompting); given, they replace eval.prompting.
+    """
     path = Path(target)
+    if prompting is not None:
+        overrides = [*(overrides or []), f"eval.prompting={json.dumps(prompting)}"]
     if is_run_dir(path):
         artifacts.open_run(path)
         recipe = load_recipe(path / artifacts.RECIPE_FILE, overrides)
@@ -89,7 +97,9 @@ def evaluate(
         with progress.scoring("teacher"):
             results["teacher"], generations["teacher"] = score_model(teacher, tokenizer, samples, recipe)
 
-    notes = []
+    notes, prompts = [], {}
+    if recipe.eval.prompting:
+        prompts = _score_prompting(model, recipe, tokenizer, samples, label, results, generations, notes)
     if "base" in results and recipe.objective.model_kind in NEW_HEAD_KINDS:
         notes.append(
             "base: its classification head is new and untrained (initialised from training.seed); its scores are "
@@ -106,7 +116,7 @@ def evaluate(
             f"{cut} of {words} held-out words lie past data.max_length={recipe.data.max_length} tokens and are not "
             "scored (their prediction is null in the predictions file); raise data.max_length to score them"
         )
-    predictions = _prediction_rows(samples, tokenizer, generations, is_encoder_decoder(model))
+    predictions = _prediction_rows(samples, tokenizer, generations, is_encoder_decoder(model), prompts)
     if out is not None:
         artifacts.write_json(out, results)
         if predictions:
@@ -127,6 +137,44 @@ def _teacher_of(recipe: Recipe) -> PreTrainedModel | None:
         return None
     teacher = recipe.objective.teacher
     return on_device(load_teacher(teacher, recipe.training.dtype, options_for(recipe, teacher)))
+
+
+def _score_prompting(
+    model: PreTrainedModel,
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[Sample],
+    label: str,
+    results: dict[str, dict[str, float]],
+    generations: dict[str, list[str] | None],
+    notes: list[str],
+) -> dict[str, list[str]]:
+    """Score the base model on each prompting mode's rows into `results` and `generations`; returns the prompts."""
+    from llmtune.prompting import decoded_prompts, prompted_sets, same_inputs
+
+    encoder_decoder = is_encoder_decoder(model)
+    sets = prompted_sets(recipe, len(samples), encoder_decoder)
+    base = contextlib.nullcontext(model) if label == "base" else _base_of(model, recipe, tokenizer)
+    with base as base_model:
+        for mode, prompted in sets.samples.items():
+            if mode == "zero-shot" and "base" in results:
+                if same_inputs(prompted, sets.tokenizer, samples, tokenizer, encoder_decoder):
+                    # The same model given the same token ids: computing it again would only cost time.
+                    results[mode], generations[mode] = dict(results["base"]), generations["base"]
+                    notes.append(
+                        "zero-shot: the recipe trains with the base model's own prompt format, so its prompts are "
+                        "the base column's and so are its numbers"
+                    )
+                    continue
+            with progress.scoring(mode):
+                results[mode], generations[mode] = score_model(base_model, sets.tokenizer, prompted, recipe)
+    shots = [m for m in sets.samples if m != "zero-shot"]
+    if shots:
+        notes.append(
+            f"{', '.join(shots)}: the base model with worked examples from the training data in front of each prompt "
+            "(drawn per row by training.seed); perplexity is over each row's own answer only"
+        )
+    return decoded_prompts(sets, encoder_decoder)
 
 
 @contextlib.contextmanager
@@ -154,7 +202,10 @@ def _prediction_rows(
     tokenizer: PreTrainedTokenizerBase,
     generations: dict[str, list[Any] | None],
     encoder_decoder: bool,
+    prompts: dict[str, list[str]],
 ) -> list[dict[str, Any]]:
+    """One row per held-out example: the prompt as training formatted it, each prompting column's own prompt
+    (`prompts`, when there are any), the reference and every column's prediction."""
     if any(g is None for g in generations.values()):
         return []
     rows = []
@@ -164,13 +215,11 @@ def _prediction_rows(
             rows.append({"tokens": sample.words, "tags": sample.tags, "prediction": predicted})
             continue
         prompt, reference = sample.prompt_and_reference()
-        rows.append(
-            {
-                "prompt": tokenizer.decode(encode_prompt(prompt, tokenizer, encoder_decoder)),
-                "reference": reference,
-                "prediction": {name: gens[i] for name, gens in generations.items()},
-            }
-        )
+        row = {"prompt": tokenizer.decode(encode_prompt(prompt, tokenizer, encoder_decoder))}
+        if prompts:
+            row["prompts"] = {mode: texts[i] for mode, texts in prompts.items()}
+        row.update(reference=reference, prediction={name: gens[i] for name, gens in generations.items()})
+        rows.append(row)
     return rows
 
 
@@ -222,10 +271,12 @@ def score_responses(
         return results, None
     prompts = [encode_prompt(p, tokenizer, is_encoder_decoder(model)) for p, _ in pairs]
     references = [r for _, r in pairs]
+    spec = recipe.eval
+    sampling = Sampling(
+        max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams, repetition_penalty=spec.repetition_penalty
+    )
     with progress.rows(len(prompts), "generate") as advance:
-        predictions = generate_texts(
-            model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size, progress=advance
-        )
+        predictions = generate_texts(model, tokenizer, prompts, sampling, spec.batch_size, progress=advance)
     if "bleu" in wanted:
         results["bleu"] = metrics.bleu(predictions, references)
     if "rouge" in wanted:

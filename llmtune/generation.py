@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How each next token is picked and when a completion ends; greedy unless temperature > 0."""
+    """How each next token is picked and when a completion ends; greedy unless temperature > 0.
+
+    With num_beams > 1 the completion is the best of a beam search; with temperature > 0 as well, each beam's next
+    tokens are sampled instead of taken best-first (transformers' beam sampling), so beams may differ run to run.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -37,16 +42,28 @@ class Sampling:
     top_p: float | None = None
     stop: tuple[str, ...] = ()  # texts that end a completion; the completion stops before them
     seed: int | None = None  # reseeds torch before generating, so one request samples the same text each time
+    num_beams: int = 1  # candidates a beam search keeps at each step; 1: no beam search
+    # Divides the score of every token already in the prompt or the completion (multiplies it when negative), as
+    # CTRL proposed; above 1 discourages repeats, below 1 encourages them; None: off.
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise LLMTuneError(f"num_beams {self.num_beams!r}: give a whole number of at least 1 (1: no beam search)")
+        penalty = self.repetition_penalty
+        if penalty is not None and not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
+            raise LLMTuneError(f"repetition_penalty {penalty!r}: give a number above 0 (1: no penalty)")
 
     def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature <= 0:
-            return {"do_sample": False}
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_k": self.top_k or 0,
-            "top_p": self.top_p or 1.0,
-        }
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if self.temperature > 0:
+            kwargs = {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or 0}
+            kwargs["top_p"] = self.top_p or 1.0
+        if self.num_beams > 1:
+            kwargs["num_beams"] = self.num_beams
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = float(self.repetition_penalty)
+        return kwargs
 
 
 @dataclass
@@ -71,6 +88,10 @@ def generate(
         streamer: a transformers streamer; it receives each step's new tokens for the whole batch.
         progress: called with the number of prompts finished after each batch.
     """
+    if streamer is not None and sampling.num_beams > 1:
+        raise LLMTuneError(
+            f"num_beams {sampling.num_beams}: beam search knows its answer only at the end, so it cannot stream"
+        )
     model.eval()
     stop_ids = stop_token_ids(tokenizer)
     kwargs = sampling.generate_kwargs()
@@ -121,12 +142,11 @@ def generate_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
-    max_new_tokens: int,
+    sampling: Sampling,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy completions of each prompt, as evaluation scores them."""
-    sampling = Sampling(max_new_tokens=max_new_tokens)
+    """The completions' texts of each prompt, as evaluation scores them."""
     return [c.text for c in generate(model, tokenizer, prompts, sampling, batch_size, progress=progress)]
 
 

@@ -14,7 +14,7 @@ from llmtune import artifacts
 from llmtune.artifacts import RunDir
 from llmtune.recipe import Recipe, dump_recipe
 from llmtune.recipe.models import is_gguf_ref
-from llmtune.recipe.training import check_repo_id
+from llmtune.recipe.training import check_repo_id, is_prompting_column
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
@@ -124,9 +124,16 @@ def _report_markdown(
     return "\n".join(lines) + "\n"
 
 
+def result_columns(results: dict[str, Any]) -> list[str]:
+    """The order results are shown in: prompting baselines, base, tuned, then further models (a distillation
+    teacher), so the table reads from the least adapted model to the most."""
+    prompted = [c for c in results if is_prompting_column(c)]
+    main = [c for c in ("base", "tuned") if c in results]
+    return prompted + main + [c for c in results if c not in prompted and c not in main]
+
+
 def _metrics_table(evaluation: dict[str, Any]) -> str:
-    columns = [c for c in ("base", "tuned") if c in evaluation]
-    columns += [c for c in evaluation if c not in ("base", "tuned")]  # e.g. a distillation teacher
+    columns = result_columns(evaluation)
     names = list(dict.fromkeys(k for c in columns for k in evaluation[c]))
     rows = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in names:

@@ -103,6 +103,12 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # Not OpenAI's: fields vLLM takes beside them (clients send them as extra body fields), read as vLLM reads them.
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: every token
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    use_beam_search: bool = False  # the beam width is best_of, as in vLLM's sampling parameters
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    num_beams: Annotated[int, Field(ge=1)] | None = None  # transformers' and `llmtune generate`'s name for the width
 
     def stop_texts(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -131,7 +137,6 @@ class _CompletionRequest(_Request):
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
 
 
 class _APIError(Exception):
@@ -170,11 +175,31 @@ def _parse(raw: bytes, schema: type[_Request]) -> _Request:
         value = getattr(request, name, None)
         if value is not None and value not in neutral:
             raise _APIError(400, f"{name}={json.dumps(value)} is not supported by this server", name)
-    best_of = getattr(request, "best_of", None)
-    if best_of not in (None, 1, request.n):
-        message = f"best_of={best_of} is not supported by this server; leave it out or set it to n"
+    beams = beam_width(request)
+    if beams == 1 and request.best_of not in (None, 1, request.n):
+        message = f"best_of={request.best_of} goes with use_beam_search (its beam width); leave it out or set it to n"
         raise _APIError(400, message, "best_of")
+    if beams > 1 and request.stream:
+        message = f"stream: beam search (width {beams}) knows its answer only at the end; set stream to false"
+        raise _APIError(400, message, "stream")
+    if beams > 1 and request.n > 1:
+        message = f"n={request.n}: beam search (width {beams}) returns its one best beam; set n to 1"
+        raise _APIError(400, message, "n")
     return request
+
+
+def beam_width(request: _Request) -> int:
+    """How many beams the request searches with: num_beams, or best_of under vLLM's use_beam_search; 1 for none."""
+    if not request.use_beam_search:
+        return request.num_beams or 1
+    if request.best_of is None and request.num_beams is None:
+        raise _APIError(
+            400, "use_beam_search: give the beam width as best_of (as vLLM takes it) or num_beams", "best_of"
+        )
+    if None not in (request.best_of, request.num_beams) and request.best_of != request.num_beams:
+        message = f"best_of={request.best_of} and num_beams={request.num_beams} both set the beam width; give one"
+        raise _APIError(400, message, "num_beams")
+    return request.num_beams or request.best_of
 
 
 # --- the worker ------------------------------------------------------------------------------------
@@ -385,12 +410,19 @@ def _sampling(request: _Request, prompt_lengths: list[int], context: int | None)
             )
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, context - longest) if context is not None else DEFAULT_MAX_TOKENS
+    beams = beam_width(request)
+    # A beam search whose client left temperature out searches best-first: OpenAI's default of 1 is there for
+    # clients that expect sampling, and beam sampling must be asked for.
+    explicit = "temperature" in request.model_fields_set
     return Sampling(
         max_new_tokens=max_tokens,
-        temperature=request.temperature,
+        temperature=request.temperature if beams == 1 or explicit else 0.0,
+        top_k=request.top_k if request.top_k and request.top_k > 0 else None,
         top_p=request.top_p if request.top_p < 1 else None,
         stop=request.stop_texts(),
         seed=request.seed,
+        num_beams=beams,
+        repetition_penalty=request.repetition_penalty,
     )
 
 

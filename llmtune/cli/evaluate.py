@@ -14,6 +14,15 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option("--out", help="Results JSON; default RUN_DIR/eval.json for a run directory.")
     ] = None,
+    prompting: Annotated[
+        str | None,
+        typer.Option(
+            "--prompting",
+            metavar="MODES",
+            help="Also score the base model prompted: zero-shot, few-shot:K (K training examples in front), or both "
+            "comma-separated; replaces eval.prompting.",
+        ),
+    ] = None,
     overrides: Overrides = None,
     harness: Annotated[
         str | None,
@@ -54,7 +63,8 @@ def evaluate(
         return
     from llmtune.evaluation import evaluate as run_eval
 
-    report = run_eval(target, compare_base=compare_base, out=out, overrides=overrides or [])
+    modes = None if prompting is None else [m.strip() for m in prompting.split(",") if m.strip()]
+    report = run_eval(target, compare_base=compare_base, out=out, overrides=overrides or [], prompting=modes)
     typer.echo(format_table(report.results))
     for note in report.notes:
         typer.echo(f"note: {note}")
@@ -62,11 +72,11 @@ def evaluate(
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    columns = [c for c in ("base", "tuned") if c in results]
-    if len(columns) == 2:
-        columns.append("delta")
-    # Further models (a distillation teacher) follow as extra columns.
-    columns += [c for c in results if c not in ("base", "tuned")]
+    from llmtune.report import result_columns
+
+    columns = result_columns(results)
+    if "base" in results and "tuned" in results:
+        columns.insert(columns.index("tuned") + 1, "delta")
     metrics = list(dict.fromkeys(k for r in results.values() for k in r))
     width = max(12, *(len(name) + 1 for name in metrics))
     lines = [f"{'metric':<{width}}" + "".join(f"{c:>12}" for c in columns)]
@@ -74,6 +84,6 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
         cells = [results[c].get(name) if c != "delta" else None for c in columns]
         if "delta" in columns:
             before, after = results["base"].get(name), results["tuned"].get(name)
-            cells[2] = after - before if None not in (before, after) else None
+            cells[columns.index("delta")] = after - before if None not in (before, after) else None
         lines.append(f"{name:<{width}}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
     return "\n".join(lines)

@@ -28,6 +28,14 @@ def generate(
         float | None, typer.Option(help="Sample from the smallest set with this total probability.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    num_beams: Annotated[
+        int,
+        typer.Option(min=1, help="Beam search over this many candidates (1: none); with --temperature, beam sampling."),
+    ] = 1,
+    repetition_penalty: Annotated[
+        float | None,
+        typer.Option(help="Divide the score of tokens already in the text by this; above 1 discourages repeats."),
+    ] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Do not apply the chat template (to prompts, not messages).")
     ] = False,
@@ -50,7 +58,15 @@ def generate(
         raise LLMTuneError("--output and --overwrite go with --input FILE; a single PROMPT's answer is printed")
     if input_path is not None and output is None:
         raise LLMTuneError("--input needs --output FILE for the completions")
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+    )
     if input_path is None:
         typer.echo(complete(target, prompt, sampling, raw=raw))
         return

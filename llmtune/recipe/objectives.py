@@ -23,6 +23,8 @@ class _ObjectiveOptions(Spec):
     # Trains a head that predicts objective.labels (per text or per word) instead of text: `generate` prints the
     # labels, and serve, chat and export, which need a model that generates, refuse it.
     predicts_labels: ClassVar[bool] = False
+    # Its held-out rows are prompts with a reference answer, scored by generating (eval.prompting applies).
+    answers_prompts: ClassVar[bool] = False
 
     def head_config(self) -> dict[str, Any]:
         """Config attributes the model needs for this objective (e.g. the labels of a classification head)."""
@@ -31,6 +33,7 @@ class _ObjectiveOptions(Spec):
 
 class SFTSpec(_ObjectiveOptions):
     name: Literal["sft"]
+    answers_prompts: ClassVar[bool] = True
     token_loss: ClassVar[bool] = True
     loss_on: Literal["response", "last_turn", "all"] = Field(
         "response",
@@ -98,6 +101,7 @@ RewardName = Literal["exact_match", "iso_date", "similarity"]
 
 class GRPOSpec(_ObjectiveOptions):
     name: Literal["grpo"]
+    answers_prompts: ClassVar[bool] = True
     generates_while_training: ClassVar[bool] = True
     reward: Union[RewardName, list[RewardName]] = Field(
         "exact_match",
@@ -226,6 +230,7 @@ class StudentSpec(Spec):
 
 class DistillSpec(_ObjectiveOptions):
     name: Literal["distill"]
+    answers_prompts: ClassVar[bool] = True
     teacher: str = Field(description="model reference or run directory (a tuned teacher); frozen during training")
     temperature: float = Field(
         2.0,
@@ -268,6 +273,7 @@ class Seq2SeqSpec(_ObjectiveOptions):
 
     name: Literal["seq2seq"]
     model_kind: ClassVar[str] = "seq2seq-lm"
+    answers_prompts: ClassVar[bool] = True
     # Read by data.py: rows are encoded as a source and a target sequence, not one sequence with a masked prompt.
     loss_on: ClassVar[str] = "target"
 

@@ -336,6 +336,24 @@ def check_push_merged(recipe: Recipe) -> None:
         raise ValueError(f"output.push_to_hub.merged: {refusal}; set merged: false to upload the adapter itself")
 
 
+def check_prompting(recipe: Recipe) -> None:
+    """Prompting baselines answer prompts; objectives scored otherwise (a head, pairs, plain text) have none."""
+    if not recipe.eval.prompting:
+        return
+    objective = recipe.objective
+    if not objective.answers_prompts:
+        answering = ", ".join(name for name, spec in OBJECTIVE_SPECS.items() if spec.answers_prompts)
+        raise ValueError(
+            f"eval.prompting: objective {objective.name} is not scored by answering prompts, so a prompted base model "
+            f"has no column to fill; prompting baselines are for {answering}; remove eval.prompting"
+        )
+    if recipe.data.format == "text":
+        raise ValueError(
+            "eval.prompting: rows of plain text (data.format: text) have no prompt to answer; use prompt/response "
+            "rows (chat, instruction, prompt_completion) or remove eval.prompting"
+        )
+
+
 # In the order they are checked: the first that fails is the error the user sees.
 RULES: tuple[Callable[[Recipe], None], ...] = (
     check_preference_data,
@@ -356,4 +374,5 @@ RULES: tuple[Callable[[Recipe], None], ...] = (
     check_loraplus,
     check_neftune,
     check_push_merged,
+    check_prompting,
 )

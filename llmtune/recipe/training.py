@@ -96,8 +96,51 @@ class EvalSpec(Spec):
         "token-classify: accuracy, precision, recall, F1)",
     )
     max_new_tokens: int = Field(64, gt=0)
+    num_beams: int = Field(
+        1, ge=1, description="generation metrics: beam search over this many candidates; 1: greedy decoding"
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="generation metrics: divide the score of tokens already in the prompt or the answer by this "
+        "(above 1 discourages repeats); null: off",
+    )
     batch_size: int = Field(8, gt=0)
     max_examples: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
+    prompting: list[str] = Field(
+        default_factory=list,
+        description="prompting baselines scored beside base and tuned: 'zero-shot' (the base model, prompts "
+        "through its own chat template) and 'few-shot:K' (the same with K worked examples from the training data "
+        "in front, drawn per row by training.seed)",
+    )
+
+    @field_validator("prompting")
+    @classmethod
+    def _prompting_modes(cls, modes: list[str]) -> list[str]:
+        for mode in modes:
+            prompting_shots(mode)
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"{', '.join(sorted({m for m in modes if modes.count(m) > 1}))} listed more than once")
+        return modes
+
+
+def prompting_shots(mode: str) -> int:
+    """The number of worked examples of a prompting mode ('zero-shot': 0, 'few-shot:K': K), or ValueError."""
+    if mode == "zero-shot":
+        return 0
+    name, _, k = mode.partition(":")
+    if name == "few-shot" and k.isdigit() and int(k) > 0:
+        return int(k)
+    raise ValueError(f"{mode!r} is not a prompting mode; use zero-shot or few-shot:K with K a whole number above 0")
+
+
+def is_prompting_column(name: str) -> bool:
+    try:
+        prompting_shots(name)
+    except ValueError:
+        return False
+    return True
 
 
 def check_repo_id(repo_id: str) -> str:

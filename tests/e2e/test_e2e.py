@@ -216,8 +216,8 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     prompts = [chat_prompt_ids(text, tokenizer) for text in [*PROBE_PROMPTS, "Count: " + "ab " * 12]]
     assert len({len(p) for p in prompts}) == len(prompts)
 
-    batched = generate_texts(model, tokenizer, prompts, max_new_tokens=10, batch_size=4)
-    single = generate_texts(model, tokenizer, prompts, max_new_tokens=10, batch_size=1)
+    batched = generate_texts(model, tokenizer, prompts, Sampling(max_new_tokens=10), batch_size=4)
+    single = generate_texts(model, tokenizer, prompts, Sampling(max_new_tokens=10), batch_size=1)
     assert batched == single
     assert all(batched), batched  # a random model does not stop at once, so the comparison is not vacuous
 

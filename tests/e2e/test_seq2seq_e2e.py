@@ -50,6 +50,6 @@ def test_finetune_eval_merge_generate_through_cli_and_library(tmp_path: Path):
     assert torch.allclose(a, b, atol=1e-4)
 
     # The merged directory through the CLI and the run directory in-process generate what the reloaded model does.
-    [expected] = generate_texts(reloaded, tok, [ids[0].tolist()], max_new_tokens=6, batch_size=1)
+    [expected] = generate_texts(reloaded, tok, [ids[0].tolist()], Sampling(max_new_tokens=6), batch_size=1)
     text = ok(run_cli("generate", str(merged), "abcd", "--max-new-tokens", "6", cwd=tmp_path)).stdout.strip()
     assert text == expected == complete(str(run), "abcd", Sampling(max_new_tokens=6))

@@ -179,6 +179,49 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
     assert after["status"] == "ok" and after["model"] == MODEL
 
 
+def test_beams_top_k_and_repetition_penalty_as_vllm_takes_them(server, client):
+    generator, _ = server
+    hello = [{"role": "user", "content": "hello there"}]
+    prompt = [generator.encode(hello)]
+
+    def library(**options) -> str:
+        return generator.generate(prompt, Sampling(max_new_tokens=12, **options))[0].text
+
+    beams = library(num_beams=3)
+    assert beams != library()  # beam search answers otherwise than greedy here, so the checks below can fail
+    # No temperature given: the search is best-first, not OpenAI's default sampling at 1.
+    answer = client.chat.completions.create(model=MODEL, messages=hello, max_tokens=12, extra_body={"num_beams": 3})
+    assert answer.choices[0].message.content == beams
+    vllm = {"use_beam_search": True, "best_of": 3}
+    assert chat(client, hello, extra_body=vllm) == beams
+    text = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=6, extra_body=vllm).choices[0].text
+    assert text == generator.generate([generator.encode_text("The sky is")], Sampling(6, num_beams=3))[0].text
+    penalised = library(repetition_penalty=3.0)
+    assert penalised != library()
+    assert chat(client, hello, extra_body={"repetition_penalty": 3.0}) == penalised
+    sampled = chat(client, hello, temperature=1.0, seed=3, extra_body={"top_k": 2})
+    assert sampled == library(temperature=1.0, top_k=2, seed=3)
+
+
+BAD_DECODING = {
+    "beams streamed": ({"stream": True, "extra_body": {"num_beams": 2}}, "stream"),
+    "beams with n": ({"n": 2, "extra_body": {"num_beams": 2}}, "n"),
+    "no beam width": ({"extra_body": {"use_beam_search": True}}, "best_of"),
+    "two beam widths": ({"extra_body": {"use_beam_search": True, "best_of": 2, "num_beams": 3}}, "num_beams"),
+    "best_of alone": ({"extra_body": {"best_of": 3}}, "best_of"),
+    "num_beams zero": ({"extra_body": {"num_beams": 0}}, "num_beams"),
+    "repetition_penalty zero": ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+}
+
+
+@pytest.mark.parametrize("options, param", BAD_DECODING.values(), ids=BAD_DECODING.keys())
+def test_bad_decoding_fields_get_400_naming_them(client, options, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, **options)
+    assert info.value.status_code == 400 and info.value.param == param
+    assert param in info.value.message
+
+
 def still_serving(client) -> None:
     assert chat(client, max_tokens=2) is not None
 
