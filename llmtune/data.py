@@ -782,6 +782,11 @@ def encode_preference_dataset(
     return Dataset.from_dict(columns), counts
 
 
+def prompt_sample(prompt: list[dict[str, str]] | str) -> Sample:
+    """A prompt as prompt_reference_dataset holds it (messages or plain text) as a Sample again."""
+    return Sample(messages=prompt) if isinstance(prompt, list) else Sample(segments=[(prompt, False)])
+
+
 def prompt_reference_dataset(
     samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, source: str
 ) -> tuple[Dataset, dict[str, int]]:

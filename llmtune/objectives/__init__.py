@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llmtune.evaluation import score_responses
-from llmtune.objectives import classify, distill, grpo, lm, preference, seq2seq, sft
+from llmtune.objectives import classify, distill, grpo, lm, ppo, preference, seq2seq, sft
 from llmtune.objectives.base import Objective
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ OBJECTIVES: dict[str, Objective] = {
     "simpo": Objective(preference.prepare_pairs, preference.build_simpo, preference.score_preferences),
     "kto": Objective(preference.prepare_pairs, preference.build_kto, preference.score_preferences),
     "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, score_responses),
+    "rloo": Objective(grpo.prepare_prompts, grpo.build_rloo, score_responses),
+    "ppo": Objective(grpo.prepare_prompts, ppo.build_ppo, score_responses),
     "reward-model": Objective(preference.prepare_pairs, preference.build_reward_model, preference.score_preferences),
 }
 

@@ -1,6 +1,7 @@
-"""GRPO: the policy generates completions to each prompt and learns from their rewards (metrics.REWARDS functions
-and, optionally, a trained reward model). Its rows are prompts with reference responses; it is scored as SFT is,
-on those reference responses."""
+"""GRPO and RLOO: the policy generates a group of completions to each prompt and learns from their rewards
+(metrics.REWARDS functions and, optionally, a trained reward model), each judged against its group. Their rows are
+prompts with reference responses; they are scored as SFT is, on those reference responses. The rewards here are
+also PPO's (objectives/ppo.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import TYPE_CHECKING
 import torch
 import trl
 from transformers import Trainer
+from trl.trainer.utils import add_fused_lm_head
 
 from llmtune.artifacts import is_run_dir
 from llmtune.data import PreparedData, Sample, encode_splits, encode_through_response, prompt_reference_dataset
 from llmtune.errors import LLMTuneError
 from llmtune.metrics import REWARDS
 from llmtune.models import auto_class, load_tokenizer, load_tuned
-from llmtune.objectives.base import _trainer, training_args
+from llmtune.objectives.base import _reference_model, _trainer, training_args
 from llmtune.objectives.preference import sequence_rewards
 from llmtune.recipe import Recipe
 from llmtune.training import GuardedTrainerMixin
@@ -31,14 +33,53 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepa
     return encode_splits(recipe, tokenizer, prompt_reference_dataset)
 
 
-class GRPOTrainer(GuardedTrainerMixin, trl.GRPOTrainer):
-    """TRL's GRPOTrainer with llmtune's checkpoints and guards."""
+class _AdapterOffReference:
+    """A TRL online trainer whose KL reference is the policy with its adapter switched off, or, for full
+    fine-tuning, the frozen copy passed as `ref_model`.
+
+    Given a PeftModel and a KL weight, TRL would copy the adapter as a second, "ref" adapter (which the run's
+    adapter/ would then save beside the trained one); given a plain model, it would load the reference by the
+    model's hub name, which tiny: and builtin: models lack. TRL is built with no KL weight, which skips both; the
+    weight is set afterwards, and where no reference model is set TRL switches the adapter off to compute the
+    reference log-probabilities.
+    """
+
+    def __init__(self, *, args, ref_model=None, **kwargs):
+        beta, args.beta = args.beta, 0.0
+        super().__init__(args=args, **kwargs)
+        args.beta = self.beta = beta
+        if beta and ref_model is not None:
+            # As TRL prepares its own reference: the same fused head (log-probabilities without full logits).
+            add_fused_lm_head(
+                ref_model,
+                temperature=self.temperature,
+                cast_lm_head_to_fp32=getattr(args, "cast_lm_head_to_fp32", False),
+            )
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+
+class GRPOTrainer(GuardedTrainerMixin, _AdapterOffReference, trl.GRPOTrainer):
+    """TRL's GRPOTrainer with llmtune's checkpoints, guards and reference (see _AdapterOffReference)."""
+
+
+class RLOOTrainer(GuardedTrainerMixin, _AdapterOffReference, trl.RLOOTrainer):
+    """TRL's RLOOTrainer with llmtune's checkpoints, guards and reference (see _AdapterOffReference)."""
 
 
 def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
+    return _build_group_trainer(GRPOTrainer, trl.GRPOConfig, recipe, model, tokenizer, data, output_dir, callbacks, plan)
+
+
+def build_rloo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
+    return _build_group_trainer(RLOOTrainer, trl.RLOOConfig, recipe, model, tokenizer, data, output_dir, callbacks, plan)
+
+
+def _build_group_trainer(
+    trainer_class, config_class, recipe, model, tokenizer, data, output_dir, callbacks, plan
+) -> Trainer:
     objective = recipe.objective
     args = training_args(
-        trl.GRPOConfig,
+        config_class,
         recipe,
         plan,
         output_dir,
@@ -46,14 +87,13 @@ def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> T
         max_completion_length=objective.max_completion_length,
         temperature=objective.temperature,
         reward_weights=objective.reward_weights,
-        beta=0.0,  # no KL term: no reference model in memory (TRL's default, after DAPO / Dr. GRPO)
+        beta=objective.beta,
     )
-    rewards = [_reward_function(name) for name in objective.rewards]
-    if objective.reward_model is not None:
-        rewards.append(_reward_model_function(Path(objective.reward_model), recipe.eval.batch_size))
+    # A full fine-tuning reference is a second copy of the model: loaded only when the KL term needs it.
+    reference = _reference_model(recipe, model, tokenizer) if objective.beta else None
     # TRL evaluates by generating; `llmtune eval` scores the held-out prompts instead.
     return _trainer(
-        GRPOTrainer,
+        trainer_class,
         args,
         recipe,
         model,
@@ -61,8 +101,18 @@ def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> T
         replace(data, eval=None),
         output_dir,
         callbacks,
-        reward_funcs=rewards,
+        reward_funcs=reward_functions(objective, recipe.eval.batch_size),
+        ref_model=reference,
     )
+
+
+def reward_functions(objective, batch_size: int) -> list:
+    """The objective's rewards as TRL calls them, in the order of its reward_weights: the rules, then the reward
+    model."""
+    rewards = [_reward_function(name) for name in objective.rewards]
+    if objective.reward_model is not None:
+        rewards.append(_reward_model_function(Path(objective.reward_model), batch_size))
+    return rewards
 
 
 def _reward_function(name: str):
