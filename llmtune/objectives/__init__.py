@@ -29,9 +29,9 @@ OBJECTIVES: dict[str, Objective] = {
     "orpo": Objective(preference.prepare_pairs, preference.build_orpo, preference.score_preferences),
     "simpo": Objective(preference.prepare_pairs, preference.build_simpo, preference.score_preferences),
     "kto": Objective(preference.prepare_pairs, preference.build_kto, preference.score_preferences),
-    "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, score_responses),
-    "rloo": Objective(grpo.prepare_prompts, grpo.build_rloo, score_responses),
-    "ppo": Objective(grpo.prepare_prompts, ppo.build_ppo, score_responses),
+    "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, grpo.score_rewarded),
+    "rloo": Objective(grpo.prepare_prompts, grpo.build_rloo, grpo.score_rewarded),
+    "ppo": Objective(grpo.prepare_prompts, ppo.build_ppo, grpo.score_rewarded),
     "reward-model": Objective(preference.prepare_pairs, preference.build_reward_model, preference.score_preferences),
 }
 

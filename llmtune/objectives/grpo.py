@@ -15,7 +15,16 @@ from transformers import Trainer
 from trl.trainer.utils import add_fused_lm_head
 
 from llmtune.artifacts import is_run_dir
-from llmtune.data import PreparedData, Sample, encode_splits, encode_through_response, prompt_reference_dataset
+from llmtune.accel import on_device
+from llmtune.data import (
+    PreparedData,
+    Sample,
+    encode_splits,
+    encode_through_response,
+    prompt_reference_dataset,
+    prompt_value,
+)
+from llmtune.evaluation import score_responses
 from llmtune.errors import LLMTuneError
 from llmtune.metrics import REWARDS
 from llmtune.models import auto_class, load_tokenizer, load_tuned
@@ -115,6 +124,23 @@ def reward_functions(objective, batch_size: int) -> list:
     return rewards
 
 
+def as_completions(prompts: list, texts: list[str]) -> list:
+    """Completion texts as TRL gives them to reward functions: an assistant message after a conversation."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts, strict=True)]
+
+
+def score_rewarded(model, tokenizer, samples, recipe, teacher=None):
+    """score_responses; with objective.reward_model also the mean reward it gives the greedy completions (reward)."""
+    results, predictions = score_responses(model, tokenizer, samples, recipe, teacher)
+    path = recipe.objective.reward_model
+    if path is None or predictions is None:
+        return results, predictions
+    prompts = [prompt_value(s.prompt_and_reference()[0]) for s in samples]
+    scores = _reward_model_function(Path(path), recipe.eval.batch_size)(prompts, as_completions(prompts, predictions))
+    results["reward"] = sum(scores) / len(scores)
+    return results, predictions
+
+
 def _reward_function(name: str):
     """A metrics.REWARDS function as TRL calls it: completions (text or assistant messages) and dataset columns."""
     score = REWARDS[name]
@@ -141,6 +167,7 @@ def _reward_model_function(path: Path, batch_size: int):
             f"{path}: objective.reward_model must give one score per sequence (a reward-model run or a "
             f"sequence-classification checkpoint with num_labels=1); it has {model.config.num_labels} labels"
         )
+    model = on_device(model)
     model.requires_grad_(False)
 
     def reward_model(prompts, completions, **columns):

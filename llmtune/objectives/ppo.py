@@ -28,7 +28,7 @@ from llmtune.batching import pad_batch
 from llmtune.data import encode_prompt, prompt_sample
 from llmtune.errors import LLMTuneError
 from llmtune.objectives.base import _reference_model, _trainer, training_args
-from llmtune.objectives.grpo import reward_functions
+from llmtune.objectives.grpo import as_completions, reward_functions
 from llmtune.templates import stop_token_ids
 from llmtune.training import GuardedTrainerMixin
 
@@ -253,7 +253,7 @@ class _PPO(Trainer):
 
     def _scores(self, prompts: list, texts: list[str], references: list[str], device) -> torch.Tensor:
         """The weighted sum of the rewards of each completion; each reward's mean is logged under its name."""
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts, strict=True)]
+        completions = as_completions(prompts, texts)
         total = torch.zeros(len(texts), device=device)
         for reward, weight in zip(self.rewards, self.reward_weights, strict=True):
             values = torch.tensor(
