@@ -46,17 +46,19 @@ class _AdapterOffReference:
     """A TRL online trainer whose KL reference is the policy with its adapter switched off, or, for full
     fine-tuning, the frozen copy passed as `ref_model`.
 
-    Given a PeftModel and a KL weight, TRL would copy the adapter as a second, "ref" adapter (which the run's
-    adapter/ would then save beside the trained one); given a plain model, it would load the reference by the
-    model's hub name, which tiny: and builtin: models lack. TRL is built with no KL weight, which skips both; the
-    weight is set afterwards, and where no reference model is set TRL switches the adapter off to compute the
-    reference log-probabilities.
+    Given a PeftModel, TRL copies the adapter as a second, "ref" adapter (GRPO with a KL weight, RLOO always),
+    which the run's adapter/ would then save beside the trained one; given a plain model, it would load the
+    reference by the model's hub name, which tiny: and builtin: models lack. TRL is built with no KL weight, which
+    skips the loading, and the copy is deleted; the weight is set afterwards. Without a "ref" adapter or a
+    reference model, TRL computes the reference log-probabilities with the adapter switched off.
     """
 
     def __init__(self, *, args, ref_model=None, **kwargs):
         beta, args.beta = args.beta, 0.0
         super().__init__(args=args, **kwargs)
         args.beta = self.beta = beta
+        if "ref" in getattr(self.model, "peft_config", {}):
+            self.model.delete_adapter("ref")
         if beta and ref_model is not None:
             # As TRL prepares its own reference: the same fused head (log-probabilities without full logits).
             add_fused_lm_head(
