@@ -14,8 +14,8 @@ import trl
 from transformers import Trainer
 from trl.trainer.utils import add_fused_lm_head
 
-from llmtune.artifacts import is_run_dir
 from llmtune.accel import on_device
+from llmtune.artifacts import is_run_dir
 from llmtune.data import (
     PreparedData,
     Sample,
@@ -24,8 +24,8 @@ from llmtune.data import (
     prompt_reference_dataset,
     prompt_value,
 )
-from llmtune.evaluation import score_responses
 from llmtune.errors import LLMTuneError
+from llmtune.evaluation import score_responses
 from llmtune.metrics import REWARDS
 from llmtune.models import auto_class, load_tokenizer, load_tuned
 from llmtune.objectives.base import _reference_model, _trainer, training_args
@@ -78,11 +78,15 @@ class RLOOTrainer(GuardedTrainerMixin, _AdapterOffReference, trl.RLOOTrainer):
 
 
 def build_grpo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
-    return _build_group_trainer(GRPOTrainer, trl.GRPOConfig, recipe, model, tokenizer, data, output_dir, callbacks, plan)
+    return _build_group_trainer(
+        GRPOTrainer, trl.GRPOConfig, recipe, model, tokenizer, data, output_dir, callbacks, plan
+    )
 
 
 def build_rloo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Trainer:
-    return _build_group_trainer(RLOOTrainer, trl.RLOOConfig, recipe, model, tokenizer, data, output_dir, callbacks, plan)
+    return _build_group_trainer(
+        RLOOTrainer, trl.RLOOConfig, recipe, model, tokenizer, data, output_dir, callbacks, plan
+    )
 
 
 def _build_group_trainer(
@@ -128,7 +132,9 @@ def reward_functions(objective, batch_size: int) -> list:
 
 def as_completions(prompts: list, texts: list[str]) -> list:
     """Completion texts as TRL gives them to reward functions: an assistant message after a conversation."""
-    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts, strict=True)]
+    return [
+        [{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts, strict=True)
+    ]
 
 
 def score_rewarded(model, tokenizer, samples, recipe, teacher=None):

@@ -144,7 +144,9 @@ class _PPO(Trainer):
         n = rollout["mask"].size(0)
         size = n // objective.minibatches
         updates = [
-            order[start : start + size] for _ in range(objective.ppo_epochs) for order in [torch.randperm(n)]
+            order[start : start + size]
+            for _ in range(objective.ppo_epochs)
+            for order in [torch.randperm(n)]
             for start in range(0, n, size)
         ]
         self.value_head.zero_grad(set_to_none=True)  # the Trainer zeroes the model's gradients, not the head's
@@ -226,7 +228,8 @@ class _PPO(Trainer):
             logprobs, values, _ = self._forward(model, sequences, attention, width)
             ref_logprobs = self._reference_logprobs(policy, sequences, attention, width)
 
-        texts = [tokenizer.decode(r[: int(n)], skip_special_tokens=True) for r, n in zip(responses, mask.sum(dim=1))]
+        lengths = mask.sum(dim=1).tolist()
+        texts = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses, lengths, strict=True)]
         scores = self._scores(inputs["prompts"], texts, inputs["references"], mask.device)
         rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, objective.kl_coef)
         advantages, returns = gae(rewards, values, mask, objective.gamma, objective.lam)
@@ -257,7 +260,9 @@ class _PPO(Trainer):
         total = torch.zeros(len(texts), device=device)
         for reward, weight in zip(self.rewards, self.reward_weights, strict=True):
             values = torch.tensor(
-                reward(prompts=prompts, completions=completions, reference=references), dtype=torch.float32, device=device
+                reward(prompts=prompts, completions=completions, reference=references),
+                dtype=torch.float32,
+                device=device,
             )
             self._metrics[f"rewards/{reward.__name__}/mean"].append(values.mean().item())
             total += weight * values
@@ -279,7 +284,9 @@ class _PPO(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / VALUE_HEAD_FILE
         if not path.is_file():
-            raise LLMTuneError(f"{path.parent}: no {VALUE_HEAD_FILE}, so ppo cannot resume from it; start again with --overwrite")
+            raise LLMTuneError(
+                f"{path.parent}: no {VALUE_HEAD_FILE}, so ppo cannot resume from it; start again with --overwrite"
+            )
         self.value_head.load_state_dict(load_file(path, device=str(self.args.device)))
 
     def save_beside_weights(self, run_dir: Path) -> None:

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from torch.testing import assert_close
 from helpers import expect_error, write_grpo_recipe, write_ppo_recipe
+from torch.testing import assert_close
 
 from llmtune.objectives.ppo import (
     clipped_policy_loss,
@@ -100,6 +100,10 @@ def test_rloo_shares_grpos_checks(tmp_path):
     with expect_error("training.batch_size: rloo fills each step with whole groups"):
         load_recipe(write_grpo_recipe(tmp_path, objective={"name": "rloo"}, training={"batch_size": 6}))
     with expect_error("method.target_modules: rloo reads the output head's weights directly"):
-        load_recipe(write_grpo_recipe(tmp_path, objective={"name": "rloo"}, method={"name": "lora", "target_modules": ["q_proj", "lm_head"]}))
+        load_recipe(
+            write_grpo_recipe(
+                tmp_path, objective={"name": "rloo"}, method={"name": "lora", "target_modules": ["q_proj", "lm_head"]}
+            )
+        )
     recipe = load_recipe(write_grpo_recipe(tmp_path, objective={"name": "rloo"}))
     assert recipe.objective.beta == 0.05 and load_recipe(write_grpo_recipe(tmp_path)).objective.beta == 0.0
