@@ -104,8 +104,16 @@ def _build_group_trainer(
         reward_weights=objective.reward_weights,
         beta=objective.beta,
     )
+    return online_trainer(trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, objective.beta)
+
+
+def online_trainer(
+    trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, kl_weight: float, **extra
+) -> Trainer:
+    """A trainer that samples its own completions (grpo, rloo, ppo): the objective's rewards as `reward_funcs`,
+    the reference as `ref_model` and `extra` go to its init."""
     # A full fine-tuning reference is a second copy of the model: loaded only when the KL term needs it.
-    reference = _reference_model(recipe, model, tokenizer) if objective.beta else None
+    reference = _reference_model(recipe, model, tokenizer) if kl_weight else None
     # TRL evaluates by generating; `llmtune eval` scores the held-out prompts instead.
     return _trainer(
         trainer_class,
@@ -116,8 +124,9 @@ def _build_group_trainer(
         replace(data, eval=None),
         output_dir,
         callbacks,
-        reward_funcs=reward_functions(objective, recipe.eval.batch_size),
+        reward_funcs=reward_functions(recipe.objective, recipe.eval.batch_size),
         ref_model=reference,
+        **extra,
     )
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +26,8 @@ from transformers import GenerationConfig, Trainer, TrainingArguments
 from llmtune.batching import pad_batch
 from llmtune.data import encode_prompt, prompt_sample
 from llmtune.errors import LLMTuneError
-from llmtune.objectives.base import _reference_model, _trainer, training_args
-from llmtune.objectives.grpo import as_completions, reward_functions
+from llmtune.objectives.base import training_args
+from llmtune.objectives.grpo import as_completions, online_trainer
 from llmtune.templates import stop_token_ids
 from llmtune.training import GuardedTrainerMixin
 
@@ -113,13 +112,13 @@ def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
 class _PPO(Trainer):
     """The PPO loop on transformers' Trainer (see the module docstring); a rollout is generated in training_step."""
 
-    def __init__(self, *, value_head: nn.Module, ref_model, objective, rewards: list, **kwargs):
+    def __init__(self, *, value_head: nn.Module, ref_model, objective, reward_funcs: list, **kwargs):
         super().__init__(**kwargs)
         self.value_head = value_head.to(self.args.device)
         self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
         self.objective = objective
-        self.rewards = rewards
-        self.reward_weights = objective.reward_weights or [1.0] * len(rewards)
+        self.rewards = reward_funcs
+        self.reward_weights = objective.reward_weights or [1.0] * len(reward_funcs)
         self.stop_ids = stop_token_ids(self.processing_class)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         # Sampling and scoring must see the same network, or the policy ratio of an unchanged policy is not 1.
@@ -314,22 +313,19 @@ def build_ppo(recipe, model, tokenizer, data, output_dir, callbacks, plan) -> Tr
     value_head = nn.Linear(model.config.get_text_config().hidden_size, 1)
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
-    reference = _reference_model(recipe, model, tokenizer) if objective.kl_coef else None
-    # The held-out prompts are scored by `llmtune eval`, as for grpo.
-    return _trainer(
+    return online_trainer(
         PPOTrainer,
         args,
         recipe,
         model,
         tokenizer,
-        replace(data, eval=None),
+        data,
         output_dir,
         callbacks,
+        objective.kl_coef,
         data_collator=_prompt_collator(tokenizer),
         value_head=value_head,
-        ref_model=reference,
         objective=objective,
-        rewards=reward_functions(objective, recipe.eval.batch_size),
     )
 
 
