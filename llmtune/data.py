@@ -811,6 +811,16 @@ def encode_preference_dataset(
     return Dataset.from_dict(columns), counts
 
 
+def prompt_value(prompt: Sample) -> list[dict[str, str]] | str:
+    """A prompt as TRL's online trainers take it: its messages, or its plain text."""
+    return prompt.messages if prompt.messages is not None else "".join(t for t, _ in prompt.segments)
+
+
+def prompt_sample(prompt: list[dict[str, str]] | str) -> Sample:
+    """A prompt_value as a Sample again."""
+    return Sample(messages=prompt) if isinstance(prompt, list) else Sample(segments=[(prompt, False)])
+
+
 def prompt_reference_dataset(
     samples: list[Sample], tokenizer: PreTrainedTokenizerBase, spec: DataSpec, source: str
 ) -> tuple[Dataset, dict[str, int]]:
@@ -826,7 +836,7 @@ def prompt_reference_dataset(
             dropped += 1
             continue
         tokens += length
-        prompts.append(prompt.messages if prompt.messages is not None else "".join(t for t, _ in prompt.segments))
+        prompts.append(prompt_value(prompt))
         references.append(reference)
     if not prompts:
         raise LLMTuneError(f"{source}: every prompt is longer than data.max_length={spec.max_length}; raise it")

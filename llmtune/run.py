@@ -256,6 +256,9 @@ def _save(trainer, run: RunDir, model, tokenizer, recipe: Recipe, metrics: dict[
     model.config.use_cache = True
     if main:
         _save_weights(run, model, recipe)
+        # An objective that trains more than the model (ppo's value head) saves the rest beside the weights.
+        if hasattr(trainer, "save_beside_weights"):
+            trainer.save_beside_weights(run.path)
         with artifacts.staged_dir(run.tokenizer) as staging:
             tokenizer.save_pretrained(staging)
         artifacts.write_json(run.file(artifacts.METRICS_FILE), metrics)

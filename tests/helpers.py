@@ -245,6 +245,16 @@ def write_grpo_recipe(root: Path, **sections: Any) -> Path:
     return save_recipe(root, "grpo", recipe)
 
 
+def write_ppo_recipe(root: Path, objective: dict[str, Any], **sections: Any) -> Path:
+    """write_grpo_recipe's data and settings with objective ppo (`objective` its keys beside the name), one
+    completion per prompt: a rollout batch of four prompts."""
+    path = write_grpo_recipe(root, **{"training": {"batch_size": 4}, **sections})
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    recipe["objective"] = {"name": "ppo", "max_completion_length": 8, **objective}
+    recipe["output"] = {"dir": str(root / "runs" / "ppo")}
+    return save_recipe(root, "ppo", recipe)
+
+
 # --- preference pairs -------------------------------------------------------------------------
 
 

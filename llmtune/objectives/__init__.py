@@ -9,7 +9,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llmtune.evaluation import score_responses
-from llmtune.objectives import classify, denoising, distill, grpo, lm, preference, seq2seq, sft, token_classify
+from llmtune.objectives import (
+    classify,
+    denoising,
+    distill,
+    grpo,
+    lm,
+    ppo,
+    preference,
+    seq2seq,
+    sft,
+    token_classify,
+)
 from llmtune.objectives.base import Objective
 
 if TYPE_CHECKING:
@@ -32,7 +43,9 @@ OBJECTIVES: dict[str, Objective] = {
     "orpo": Objective(preference.prepare_pairs, preference.build_orpo, preference.score_preferences),
     "simpo": Objective(preference.prepare_pairs, preference.build_simpo, preference.score_preferences),
     "kto": Objective(preference.prepare_pairs, preference.build_kto, preference.score_preferences),
-    "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, score_responses),
+    "grpo": Objective(grpo.prepare_prompts, grpo.build_grpo, grpo.score_rewarded),
+    "rloo": Objective(grpo.prepare_prompts, grpo.build_rloo, grpo.score_rewarded),
+    "ppo": Objective(grpo.prepare_prompts, ppo.build_ppo, grpo.score_rewarded),
     "reward-model": Objective(preference.prepare_pairs, preference.build_reward_model, preference.score_preferences),
     "mlm": Objective(denoising.prepare_denoising, denoising.build_denoising, denoising.score_denoising),
     "span-corruption": Objective(denoising.prepare_denoising, denoising.build_denoising, denoising.score_denoising),

@@ -99,9 +99,11 @@ class RewardModelSpec(_PreferenceOptions):
 RewardName = Literal["exact_match", "iso_date", "similarity"]
 
 
-class GRPOSpec(_ObjectiveOptions):
-    name: Literal["grpo"]
+class _SampledRewardOptions(_ObjectiveOptions):
+    """Objectives whose policy samples its own completions to the data's prompts and learns from their rewards."""
+
     answers_prompts: ClassVar[bool] = True
+
     generates_while_training: ClassVar[bool] = True
     reward: Union[RewardName, list[RewardName]] = Field(
         "exact_match",
@@ -117,7 +119,6 @@ class GRPOSpec(_ObjectiveOptions):
     reward_weights: list[float] | None = Field(
         None, description="one weight per reward (the reward model's last); default all 1"
     )
-    num_generations: int = Field(4, ge=2, description="completions sampled per prompt; advantages compare them")
     max_completion_length: int = Field(32, gt=0, description="tokens generated per completion")
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="sampling temperature; diversity in a group")
 
@@ -126,13 +127,66 @@ class GRPOSpec(_ObjectiveOptions):
         return [self.reward] if isinstance(self.reward, str) else list(self.reward)
 
     @model_validator(mode="after")
-    def _weights_match(self) -> GRPOSpec:
+    def _weights_match(self) -> _SampledRewardOptions:
         n = len(self.rewards) + (self.reward_model is not None)
         if n == 0:
             raise ValueError("reward: name at least one reward, or set reward_model")
         if self.reward_weights is not None and len(self.reward_weights) != n:
             raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {n} rewards")
         return self
+
+
+class _GroupOptions(_SampledRewardOptions):
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt; advantages compare them")
+
+
+class GRPOSpec(_GroupOptions):
+    name: Literal["grpo"]
+    beta: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="weight of the KL penalty to the reference policy (the model with the adapter switched off; "
+        "for full fine-tuning a second, frozen copy); 0 (TRL's default): no KL term, no reference",
+    )
+
+
+class RLOOSpec(_GroupOptions):
+    """REINFORCE leave-one-out: each completion's advantage is its reward minus the mean reward of the other
+    completions to the same prompt; the KL penalty is part of the reward."""
+
+    name: Literal["rloo"]
+    beta: float = Field(
+        0.05,
+        ge=0,
+        allow_inf_nan=False,
+        description="weight of the KL penalty to the reference policy, subtracted from each reward (TRL's "
+        "default); reference as for grpo; 0: none",
+    )
+
+
+class PPOSpec(_SampledRewardOptions):
+    """PPO as in RLHF: a value head on the policy estimates returns; rewards are the completion's score minus a
+    per-token KL penalty to the reference; advantages by GAE; clipped policy and value losses."""
+
+    name: Literal["ppo"]
+    reward: Union[RewardName, list[RewardName]] = Field(
+        [],
+        description="rule-based reward(s) as for grpo, added to the reward model's score; default none: the "
+        "reward model alone",
+    )
+    kl_coef: float = Field(
+        0.05, ge=0, allow_inf_nan=False, description="per-token KL penalty to the reference, subtracted from the reward"
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="discount of later rewards (1: the score counts fully)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD")
+    cliprange: float = Field(0.2, gt=0, allow_inf_nan=False, description="how far the policy ratio may move per update")
+    cliprange_value: float = Field(
+        0.2, gt=0, allow_inf_nan=False, description="how far a value prediction may move from the rollout's"
+    )
+    vf_coef: float = Field(0.1, ge=0, allow_inf_nan=False, description="weight of the value loss beside the policy's")
+    ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch (its completions are reused)")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass: the rollout batch is split this many ways")
 
 
 class LMSpec(_ObjectiveOptions):
@@ -318,6 +372,8 @@ ObjectiveSpec = Annotated[
         SimPOSpec,
         KTOSpec,
         GRPOSpec,
+        RLOOSpec,
+        PPOSpec,
         RewardModelSpec,
         MLMSpec,
         SpanCorruptionSpec,

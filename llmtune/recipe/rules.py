@@ -51,30 +51,56 @@ def check_preference_data(recipe: Recipe) -> None:
         )
 
 
-def check_grpo(recipe: Recipe) -> None:
+def check_sampled_rewards(recipe: Recipe) -> None:
+    """grpo, rloo and ppo sample completions to single prompts; grpo and rloo in whole groups per prompt."""
     objective, data, t = recipe.objective, recipe.data, recipe.training
-    if objective.name != "grpo":
+    if not objective.generates_while_training:
         return
+    name = objective.name
     if data.format not in ("prompt_completion", "chat", "instruction"):
         raise ValueError(
-            f"data.format: grpo samples completions for prompts and scores them against each row's reference; "
+            f"data.format: {name} samples completions for prompts and scores them against each row's reference; "
             f"use prompt_completion (or chat / instruction), not {data.format}"
         )
     if data.packing:
-        raise ValueError("data.packing: grpo generates from single prompts; set data.packing: false")
-    if (t.batch_size * t.grad_accum) % objective.num_generations:
+        raise ValueError(f"data.packing: {name} generates from single prompts; set data.packing: false")
+    groups = getattr(objective, "num_generations", None)
+    if groups is not None and (t.batch_size * t.grad_accum) % groups:
         raise ValueError(
-            f"training.batch_size: grpo fills each step with whole groups of "
-            f"num_generations={objective.num_generations} completions; batch_size x grad_accum "
+            f"training.batch_size: {name} fills each step with whole groups of "
+            f"num_generations={groups} completions; batch_size x grad_accum "
             f"({t.batch_size} x {t.grad_accum}) must be a multiple of it"
         )
+    if name == "ppo":
+        _check_ppo(recipe)
+
+
+def _check_ppo(recipe: Recipe) -> None:
+    objective, t = recipe.objective, recipe.training
+    if t.grad_accum != 1:
+        raise ValueError(
+            "training.grad_accum: ppo takes objective.ppo_epochs x objective.minibatches optimizer steps per rollout "
+            "batch of training.batch_size prompts; set grad_accum: 1 (a larger rollout: raise batch_size)"
+        )
+    if t.batch_size % objective.minibatches:
+        raise ValueError(
+            f"objective.minibatches: {objective.minibatches} does not divide training.batch_size ({t.batch_size}), "
+            "the rollout batch it splits"
+        )
+    if recipe.method.virtual_tokens:
+        raise ValueError(
+            f"method {recipe.method.name}: ppo reads its value estimates at each token's position, which virtual "
+            "tokens shift; use lora, full or another method that changes weights"
+        )
+    if t.sharded:
+        raise ValueError("training.fsdp / training.deepspeed: ppo trains its value head on one process; remove them")
 
 
 def check_adapter_on_head(recipe: Recipe) -> None:
-    # TRL's DPO, KTO and GRPO trainers compute log-probabilities from lm_head.weight directly, so an adapter
+    # TRL's DPO, KTO, GRPO and RLOO trainers compute log-probabilities from lm_head.weight directly, so an adapter
     # on the head would never train; TRL would refuse only after the model has loaded.
     targets = getattr(recipe.method, "target_modules", None)
-    if recipe.objective.name in ("dpo", "kto", "grpo") and isinstance(targets, list) and "lm_head" in targets:
+    if recipe.objective.name in ("dpo", "kto", "grpo", "rloo") and isinstance(targets, list) and "lm_head" in targets:
         raise ValueError(
             f"method.target_modules: {recipe.objective.name} reads the output head's weights directly, so an adapter "
             "on lm_head would never train; remove lm_head from target_modules"
@@ -357,7 +383,7 @@ def check_prompting(recipe: Recipe) -> None:
 # In the order they are checked: the first that fails is the error the user sees.
 RULES: tuple[Callable[[Recipe], None], ...] = (
     check_preference_data,
-    check_grpo,
+    check_sampled_rewards,
     check_adapter_on_head,
     check_distill,
     check_seq2seq,

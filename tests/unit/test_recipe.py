@@ -261,16 +261,22 @@ def test_recipes_directory_has_recipes():
     assert SHIPPED_RECIPES, "no YAML files under recipes/"
 
 
+# Recipes that continue an earlier stage name its run directory, which a fresh checkout lacks: a rule reward
+# stands in for it here.
+EARLIER_STAGES = {"ppo.yaml": ["objective.reward_model=null", "objective.reward=[similarity]"]}
+
+
 @pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_loads_and_its_data_formats(path):
-    recipe = load_recipe(path)
+    stages = EARLIER_STAGES.get(path.name, [])
+    recipe = load_recipe(path, stages)
     train, held_out = split_samples(recipe)
     assert train and held_out
     if recipe.objective.name == "sft":
         # Generation metrics need a prompt and a reference in every held-out row.
         assert all(s.prompt_and_reference() is not None for s in held_out)
     # The overrides every recipe must accept.
-    recipe = load_recipe(path, ["training.max_steps=5", "output.dir=/tmp/x"])
+    recipe = load_recipe(path, [*stages, "training.max_steps=5", "output.dir=/tmp/x"])
     assert (recipe.training.max_steps, recipe.output.dir) == (5, "/tmp/x")
 
 
