@@ -459,7 +459,7 @@ def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
 )
 def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_torch_thread):
     from llmtune.batching import pad_batch
-    from llmtune.generation import generate_texts
+    from llmtune.generation import Sampling, generate_texts
 
     spec = TypeAdapter(MethodSpec).validate_python(method)
     tokenizer = load_tokenizer("tiny:llama")
@@ -471,9 +471,9 @@ def test_generation_equals_greedy_decoding_by_full_forward_passes(method, one_to
                 p.add_(torch.randn_like(p))  # virtual tokens that matter to every next-token choice
     model.eval()
     prompts = [tokenizer("3 July 1999 ->")["input_ids"], tokenizer("a longer prompt, 24 Nov 1968 ->")["input_ids"]]
-    one_by_one = generate_texts(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
+    one_by_one = generate_texts(model, tokenizer, prompts, Sampling(max_new_tokens=8), batch_size=1)
     # Batched, the shorter prompt is left-padded: the pads sit between the virtual tokens and the prompt.
-    batched = generate_texts(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    batched = generate_texts(model, tokenizer, prompts, Sampling(max_new_tokens=8), batch_size=2)
     expected = []
     for prompt in prompts:
         ids = list(prompt)
@@ -531,7 +531,7 @@ def test_prefix_defaults_to_activations_of_vocabulary_tokens(one_torch_thread):
 )
 def test_compare_base_of_virtual_tokens_is_the_untouched_base(method, one_torch_thread):
     from llmtune.evaluation import _base_of
-    from llmtune.generation import generate_texts
+    from llmtune.generation import Sampling, generate_texts
 
     tokenizer = load_tokenizer("tiny:llama")
     torch.manual_seed(0)
@@ -542,7 +542,7 @@ def test_compare_base_of_virtual_tokens_is_the_untouched_base(method, one_torch_
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     prompts = [tokenizer("3 July 1999 ->")["input_ids"], tokenizer("24 Nov 1968 ->")["input_ids"]]
-    base = generate_texts(load_model("tiny:llama"), tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    base = generate_texts(load_model("tiny:llama"), tokenizer, prompts, Sampling(max_new_tokens=6), batch_size=2)
     with _base_of(model, None, tokenizer) as shown_as_base:
-        assert generate_texts(shown_as_base, tokenizer, prompts, max_new_tokens=6, batch_size=2) == base
-    assert generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2) != base
+        assert generate_texts(shown_as_base, tokenizer, prompts, Sampling(max_new_tokens=6), batch_size=2) == base
+    assert generate_texts(model, tokenizer, prompts, Sampling(max_new_tokens=6), batch_size=2) != base

@@ -113,8 +113,8 @@ def test_unknown_method_name_lists_valid_names(tmp_path):
 
 
 def test_unknown_objective_name_lists_valid_names(tmp_path):
-    path = write_recipe(tmp_path, objective={"name": "ppo"})
-    with expect_error("objective.name: unknown name 'ppo'", *(repr(n) for n in llmtune.objectives.OBJECTIVES)):
+    path = write_recipe(tmp_path, objective={"name": "reinforce"})
+    with expect_error("objective.name: unknown name 'reinforce'", *(repr(n) for n in llmtune.objectives.OBJECTIVES)):
         load_recipe(path)
 
 
