@@ -149,14 +149,16 @@ def _rows_trainer(
     output_dir: Path,
     callbacks: list[TrainerCallback],
     plan: SpeedPlan,
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
     **extra: Any,
 ) -> Trainer:
-    """A transformers Trainer over data.py's tokenized rows, padded per batch; `extra` goes to its init."""
+    """A transformers Trainer over data.py's tokenized rows, padded per batch unless `collator` builds the batches;
+    `extra` goes to its init."""
     from transformers import TrainingArguments
 
     args = training_args(TrainingArguments, recipe, plan, output_dir, remove_unused_columns=False)
     # An encoder-decoder builds its decoder inputs from these labels (shifted right, -100 read as padding).
-    collator = pad_rows(tokenizer.pad_token_id)
+    collator = collator or pad_rows(tokenizer.pad_token_id)
     return _trainer(
         trainer_class, args, recipe, model, tokenizer, data, output_dir, callbacks, data_collator=collator, **extra
     )

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from llmtune import masking, metrics, progress
 from llmtune.batching import pad_rows, padded_batches
 from llmtune.data import IGNORE_INDEX, PreparedData, Sample, load_splits, prepare_splits
 from llmtune.errors import LLMTuneError
 from llmtune.generation import is_encoder_decoder
-from llmtune.objectives.base import _trainer, training_args
+from llmtune.objectives.base import _rows_trainer
 from llmtune.recipe import Recipe
 from llmtune.training import GuardedTrainerMixin
 
@@ -146,19 +146,9 @@ def build_denoising(
         # AutoModelForMaskedLM also loads BART, an encoder-decoder; span corruption needs one.
         wanted = "an encoder-decoder (T5 family, tiny:t5)" if name == "span-corruption" else "an encoder (BERT family)"
         raise LLMTuneError(f"objective {name}: model {recipe.model!r} is not {wanted}")
-    args = training_args(TrainingArguments, recipe, plan, output_dir, remove_unused_columns=False)
     collator = CorruptingCollator(corrupter(recipe, tokenizer), tokenizer.pad_token_id)
-    trainer = _trainer(
-        DenoisingTrainer,
-        args,
-        recipe,
-        model,
-        tokenizer,
-        data,
-        output_dir,
-        [_MaskEpoch(collator), *callbacks],
-        data_collator=collator,
-    )
+    callbacks = [_MaskEpoch(collator), *callbacks]
+    trainer = _rows_trainer(DenoisingTrainer, recipe, model, tokenizer, data, output_dir, callbacks, plan, collator)
     # BERT and T5 return a plain mean loss and ignore num_items_in_batch; left True, the Trainer would not divide
     # that loss by grad_accum (see seq2seq.build_seq2seq).
     trainer.model_accepts_loss_kwargs = False
