@@ -72,25 +72,28 @@ def finetune(
     if checkpoint is not None:
         _check_same_data(RunDir(out), data)
 
-    # 3. Model and tuning method; tokens the chat template added get embedding rows that train.
+    # 3. The memory plan for the data's longest rows: a run that cannot fit its device stops before weights load.
+    _check_memory_plan(recipe, recipe_path, overrides, data, main)
+
+    # 4. Model and tuning method; tokens the chat template added get embedding rows that train.
     model = _build_model(recipe, tokenizer, added)
 
-    # 4. Speed plan: every speed and precision lever decided for this device.
+    # 5. Speed plan: every speed and precision lever decided for this device.
     plan = accel.resolve(recipe, accel.current_device(), model, data.train)
     if main:
         _print_start(recipe, data, model, plan, added)
         _write_run_dir(out, recipe, data, plan, checkpoint, overwrite)
     run = RunDir(out)
 
-    # 5. Trainer, built from the plan's mixed precision, checkpointing and batching.
+    # 6. Trainer, built from the plan's mixed precision, checkpointing and batching.
     stop = StopOnSignalCallback()
     trainer = _build_trainer(recipe, model, tokenizer, data, run, plan, stop)
 
-    # 6. The plan's kernels and levers switched on in the model, now that the trainer has moved it to its device
+    # 7. The plan's kernels and levers switched on in the model, now that the trainer has moved it to its device
     #    and cast its trained weights; the fused loss, if the plan has one, is what the trainer computes.
     trainer.llmtune_loss = accel.apply(model, plan)
 
-    # 7. Train and save; the manifest says how the run ended.
+    # 8. Train and save; the manifest says how the run ended.
     started = time.time()
     stop.install()
     try:
@@ -115,6 +118,36 @@ def finetune(
         if recipe.output.push_to_hub is not None:
             _push(run, recipe.output.push_to_hub)
     return FinetuneResult(run=run, metrics=metrics)
+
+
+def _check_memory_plan(recipe: Recipe, recipe_path, overrides: list[str] | None, data: Any, main: bool) -> None:
+    from llmtune import plan as planner
+
+    memory = planner.start_plan(recipe, _longest_row(data.train))
+    if memory is None:
+        return
+    if main:
+        print(memory.summary(), flush=True)
+    if memory.fits or not recipe.training.check_memory:
+        return
+    fix = planner.propose_fix(memory)
+    command = f"llmtune finetune {recipe_path}{_set_flags(overrides)}"
+    then = f"it fits with: {command} {fix[0]}" if fix else planner.no_fix_hint(memory)
+    raise LLMTuneError(
+        f"{recipe_path}: the memory plan needs {planner.gib(memory.needed)}, more than the "
+        f"{planner.gib(memory.available)} free on {memory.device.name}; {then} (llmtune plan shows the breakdown), "
+        "or set training.check_memory=false to start anyway"
+    )
+
+
+def _longest_row(train: Any) -> int | None:
+    """Tokens in the longest training row, where the objective tokenized its rows."""
+    if train is None or "input_ids" not in train.column_names:
+        return None
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(train.data.column("input_ids"))
+    return pc.max(lengths).as_py() if len(lengths) else None
 
 
 def _push(run: RunDir, spec: PushSpec) -> None:

@@ -97,9 +97,12 @@ def resolve(recipe: Recipe, device: Device, model: nn.Module, train: Dataset | N
     )
 
 
-def apply(model: nn.Module, plan: SpeedPlan) -> TargetedLoss | None:
+def apply(model: nn.Module, plan: SpeedPlan, probe: bool = True) -> TargetedLoss | None:
     """Switch `model`'s layers to the plan's kernels, after the trainer is built (it may move or cast the model);
     returns the fused loss for the trainer to compute its loss with, if the plan has one.
+
+    `probe=False` fuses blocks without first checking them on random inputs: for llmtune.plan's model of fake
+    tensors, which hold no values to compare.
 
     The order matters: fused LoRA layers take their output dtype from the frozen weights before those may be
     stored in bf16; the fused-block check runs each block as it will train, so it comes after everything else
@@ -115,7 +118,7 @@ def apply(model: nn.Module, plan: SpeedPlan) -> TargetedLoss | None:
         compact_dropouts(model)
     use_segmented_attention(model, float32=plan.float32_attention)
     if plan.kernels == "llmtune":
-        fuse_blocks(model)
+        fuse_blocks(model, probe)
     elif plan.kernels == "liger":
         apply_liger(model)
     return TargetedLoss(model) if plan.fused_loss else None

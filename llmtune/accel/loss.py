@@ -43,6 +43,19 @@ class TargetedLoss:
         The model is called through whatever wraps it (DDP, FSDP, peft), so those wrappers work unchanged.
         """
         labels = inputs["labels"]
+        hidden = self.hidden_states(model, inputs)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if "position_ids" in inputs and labels.size(0) == 1:
+            # A padding-free pack: the last token of one row must not predict the first token of the next.
+            keep &= inputs["position_ids"][:, 1:] != 0
+        states, targets = hidden[:, :-1][keep], targets[keep]
+        total = summed_nll(self.head, states, targets, self.chunk_size or self.chunk_rows(states))
+        count = keep.sum() if num_items is None else num_items
+        return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+    def hidden_states(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's inputs at the positions of the labels, from a forward that skips the head itself."""
         self._capture = True
         try:
             model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
@@ -50,32 +63,23 @@ class TargetedLoss:
             self._capture = False
         hidden, self._hidden = self._hidden, None
         # Prompt tuning and p-tuning put their virtual tokens in front; the labels cover the real tokens.
-        hidden = hidden[:, -labels.size(1) :]
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        if "position_ids" in inputs and labels.size(0) == 1:
-            # A padding-free pack: the last token of one row must not predict the first token of the next.
-            keep &= inputs["position_ids"][:, 1:] != 0
-        states, targets = hidden[:, :-1][keep], targets[keep]
-        total = _summed_nll(self.head, states, targets, self.chunk_size or self._chunk_rows(states))
-        count = keep.sum() if num_items is None else num_items
-        return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+        return hidden[:, -inputs["labels"].size(1) :]
 
-    def _chunk_rows(self, states: torch.Tensor) -> int:
+    def chunk_rows(self, states: torch.Tensor, gpu: bool | None = None) -> int:
         """Rows a chunk: on the CPU, with a frozen head, few enough that their float32 logits stay under glibc's
         largest mmap threshold (32 MiB) and reuse freed heap memory; larger blocks are mapped afresh and
         page-faulted in on every chunk (SmolLM2, 1,000 rows of loss: 0.61-0.65 s forward and backward at 1,024
         rows a chunk, 0.50-0.55 s at 128). A trained head's gradient is vocabulary-sized whatever the chunk,
-        and a GPU wants large matmuls."""
+        and a GPU wants large matmuls. `gpu` says where the rows compute when `states` cannot (fake tensors)."""
         vocab = getattr(self.head, "out_features", None)
         weight = getattr(self.head, "weight", None)
         trained = weight is not None and weight.requires_grad
-        if states.device.type != "cpu" or trained or not isinstance(vocab, int):
+        if (states.device.type != "cpu" if gpu is None else gpu) or trained or not isinstance(vocab, int):
             return _CHUNK_ROWS
         return max(16, min(_CHUNK_ROWS, _CHUNK_BYTES // (4 * vocab)))
 
 
-def _summed_nll(head: nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def summed_nll(head: nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     if type(head) is nn.Linear:
         return _LinearCrossEntropy.apply(states, head.weight, head.bias, targets, chunk_size)
     total = states.new_zeros((), dtype=torch.float32)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from llmtune.cli import chat, data, evaluate, export, finetune, generate, merge, push, recipes, serve, validate
+from llmtune.cli import chat, data, evaluate, export, finetune, generate, merge, plan, push, recipes, serve, validate
 
 app = typer.Typer(
     name="llmtune",
@@ -56,6 +56,7 @@ app.command("chat")(chat.chat)
 app.command("export")(export.export)
 app.command("push")(push.push)
 app.command("validate")(validate.validate)
+app.command("plan")(plan.plan)
 app.command("init")(recipes.init)
 app.command("serve")(serve.serve)
 app.add_typer(data.app, name="data")

@@ -67,6 +67,11 @@ class TrainingSpec(Spec):
         description="NEFTune: add uniform noise of size alpha / sqrt(length x hidden size) to the input embeddings "
         "in training forwards only (the paper uses 5); null: none",
     )
+    check_memory: bool = Field(
+        True,
+        description="refuse to start, before the weights load, when the memory plan (llmtune plan) says a step "
+        "cannot fit in the device's free memory; false: start anyway",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="experiment trackers; TensorBoard event files go to RUN/tensorboard",

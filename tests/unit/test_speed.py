@@ -656,4 +656,4 @@ def test_loss_chunks_stay_under_the_mmap_threshold_on_the_cpu_for_a_frozen_head(
             return self.head
 
     # 128 rows of 49,152 float32 logits: 24 MiB. A trained head's vocabulary-sized gradient gains nothing.
-    assert TargetedLoss(Model())._chunk_rows(torch.zeros(3, 8)) == rows
+    assert TargetedLoss(Model()).chunk_rows(torch.zeros(3, 8)) == rows
