@@ -168,13 +168,13 @@ class MemoryPlan:
     trainable_parameters: int
     weights: dict[str, int]  # bytes by storage kind (float32, bfloat16, nf4, ...)
     trainable: int  # bytes of the trained weights (part of weights)
-    gradients: int
+    gradients: int  # of the trained weights, alive at the peak
     optimizer: int
     activations: int  # kept for backward at the peak
     logits: int  # the output head's logits and the loss at the peak
     backward: int  # gradients of activations and other temporaries at the peak
     buckets: int  # DDP's flat copy of the gradients it reduces
-    without_checkpointing: int | None  # activations + logits + backward at the peak, the other way round
+    other_checkpointing: int | None  # the total with gradient checkpointing the other way round
     flops_per_token: float
     bytes_per_step: float
     notes: list[str] = field(default_factory=list)
@@ -243,7 +243,7 @@ class MemoryPlan:
         rows = [(f"weights, {kind}", n) for kind, n in self.weights.items()]
         rows += [
             (f"  of which trained ({self.trainable_parameters:,} parameters)", self.trainable),
-            ("gradients", self.gradients),
+            ("gradients alive at the peak", self.gradients),
             (f"optimizer state ({t.optimizer.name})", self.optimizer),
             (f"activations kept for backward ({ckpt} gradient checkpointing)", self.activations),
             ("logits and loss", self.logits),
@@ -261,13 +261,9 @@ class MemoryPlan:
             *(f"  {name:<{width}}  {gib(n):>10}" for name, n in rows if not name.startswith("  ") or n),
             f"  {'peak per device':<{width}}  {gib(self.total):>10}",
         ]
-        if self.without_checkpointing is not None:
+        if self.other_checkpointing is not None:
             other = "without" if self.speed.gradient_checkpointing else "with"
-            step = self.activations + self.logits + self.backward
-            lines.append(
-                f"  {f'  ({other} gradient checkpointing)':<{width}}  "
-                f"{gib(self.total - step + self.without_checkpointing):>10}"
-            )
+            lines.append(f"  {f'  ({other} gradient checkpointing)':<{width}}  {gib(self.other_checkpointing):>10}")
         lines += ["", f"device {self.device.name}: {gib(self.available)} for tensors: {self._verdict()}"]
         speed = self.tokens_per_second()
         if speed:
@@ -301,9 +297,7 @@ class MemoryPlan:
             "available": self.available,
             "fits": self.fits,
             "gradient_checkpointing": self.speed.gradient_checkpointing,
-            "total_other_checkpointing": None
-            if self.without_checkpointing is None
-            else self.total - self.activations - self.logits - self.backward + self.without_checkpointing,
+            "total_other_checkpointing": self.other_checkpointing,
             "tokens_per_second": speed,
         }
 
@@ -330,9 +324,12 @@ def start_plan(recipe: Recipe, longest: int | None) -> MemoryPlan | None:
     nproc = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         return plan_recipe(recipe, device_info(None), nproc, both_checkpointing=False)
-    except LLMTuneError as e:
+    except Exception as e:  # the plan advises; a model it cannot trace on fake tensors still trains
+        from llmtune.errors import first_line
+
+        reason = str(e) if isinstance(e, LLMTuneError) else f"{type(e).__name__}: {first_line(e)}"
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"plan: none for this run ({e})", flush=True)
+            print(f"plan: none for this run ({reason})", flush=True)
         return None
 
 
@@ -357,8 +354,7 @@ def _plan(recipe: Recipe, device: DeviceInfo, nproc: int, both_checkpointing: bo
     if both_checkpointing:
         flipped = _flip_checkpointing(recipe, counts.speed)
         if flipped is not None:
-            o = _at_full_depth(flipped, device)
-            other = o.activations + o.logits + o.backward
+            other = _memory_plan(flipped, device, nproc, _at_full_depth(flipped, device), None).total
     return _memory_plan(recipe, device, nproc, counts, other)
 
 
@@ -396,6 +392,11 @@ def _check_planned(recipe: Recipe) -> None:
         )
     if o.model_kind not in _PLANNED_KINDS:
         raise LLMTuneError(f"objective {o.name}: model kind {o.model_kind} is not planned")
+    if recipe.method.virtual_tokens:
+        raise LLMTuneError(
+            f"method {recipe.method.name}: its virtual tokens start from the model's own embeddings, which llmtune "
+            "plan does not have; plan the same model with method lora to see its weights and activations"
+        )
 
 
 @dataclass
@@ -406,10 +407,9 @@ class _Counts:
     weights: dict[str, int]
     trainable: int
     optimizer: int
-    gradients: int
-    activations: int
-    logits: int
-    backward: int
+    gradients: int  # of every trained weight
+    step: dict[str, int]  # the fake step's peak: activations, logits, backward temporaries, gradients so far
+    steady: dict[str, int]  # its peak of all but gradients: a micro-batch whose gradients already exist
     flops_per_token: float
     speed: SpeedPlan
     notes: list[str]
@@ -430,9 +430,8 @@ def _extrapolate(a: _Counts, b: _Counts, layers: int) -> _Counts:
         trainable=line(a.trainable, b.trainable),
         optimizer=line(a.optimizer, b.optimizer),
         gradients=line(a.gradients, b.gradients),
-        activations=line(a.activations, b.activations),
-        logits=line(a.logits, b.logits),
-        backward=line(a.backward, b.backward),
+        step={key: line(a.step[key], b.step[key]) for key in a.step},
+        steady={key: line(a.steady[key], b.steady[key]) for key in a.steady},
         flops_per_token=a.flops_per_token + k * (b.flops_per_token - a.flops_per_token),
         speed=b.speed,
         notes=b.notes,
@@ -457,11 +456,13 @@ def _memory_plan(recipe: Recipe, device: DeviceInfo, nproc: int, c: _Counts, oth
     if nproc > 1 and shard is None:
         buckets = gradients
     if t.grad_accum > 1:
-        # Gradients of earlier micro-batches stay alive through the next forward.
-        extra = gradients - min(gradients, c.backward)
+        # Gradients of earlier micro-batches stay alive through the next micro-batch, which adds to them.
+        step = c.steady
         notes.append(f"grad_accum {t.grad_accum}: gradients stay alive across micro-batches")
     else:
-        extra = 0
+        # The trainer frees gradients after each optimizer step: the step's own peak says how many exist.
+        step = c.step
+        gradients = math.ceil(step["gradients"] * gradients / max(c.gradients, 1))
     tokens_per_device = t.batch_size * recipe.data.max_length
     step_bytes = _bytes_per_step(weights, c, t.grad_accum)
     return MemoryPlan(
@@ -475,11 +476,11 @@ def _memory_plan(recipe: Recipe, device: DeviceInfo, nproc: int, c: _Counts, oth
         trainable=c.trainable,
         gradients=gradients,
         optimizer=optimizer,
-        activations=c.activations,
-        logits=c.logits,
-        backward=c.backward + extra,
+        activations=step["activations"],
+        logits=step["logits"],
+        backward=step["backward"],
         buckets=buckets,
-        without_checkpointing=other,
+        other_checkpointing=other,
         flops_per_token=c.flops_per_token,
         bytes_per_step=step_bytes if tokens_per_device else 0.0,
         notes=notes,
@@ -588,12 +589,11 @@ def _step(recipe: Recipe, device: DeviceInfo, depth: int) -> _Counts:
     target = Device("cuda" if device.gpu else "cpu", device.name, device.native_bf16)
     speed = accel.resolve(recipe, target, model, None)
     counts = _count_parameters(recipe, model, quantized, speed)
-    activations, logits, backward, notes = _fake_step(recipe, model, quantized, speed, target)
+    step, steady, notes = _fake_step(recipe, model, quantized, speed, target)
     return _Counts(
         depth=depth,
-        activations=activations,
-        logits=logits,
-        backward=backward,
+        step=step,
+        steady=steady,
         flops_per_token=_flops_per_token(recipe, model, config, speed),
         speed=speed,
         notes=notes,
@@ -706,9 +706,9 @@ def _flops_per_token(recipe: Recipe, model: nn.Module, config: Any, speed: Speed
 
 def _fake_step(
     recipe: Recipe, model: nn.Module, quantized: set[str], speed: SpeedPlan, device: Any
-) -> tuple[int, int, int, list[str]]:
-    """One training step of `model` on fake tensors: bytes of activations, logits and backward temporaries at
-    the peak of the live tensors."""
+) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    """One training step of `model` on fake tensors: the bytes of its live tensors by category where their sum
+    was highest, and where the sum of all but the gradients was highest."""
     import torch
     from torch import nn
 
@@ -750,13 +750,14 @@ def _fake_step(
                 loss = _loss(model, inputs, loss_fn, fake, device)
             fake.category = "backward"
             loss.backward()
-    peak = fake.at_peak
+    peaks = fake.at_peak, fake.at_steady_peak
     if quantized:
         # bitsandbytes dequantizes one 4-bit weight at a time, in forward and again in backward.
         largest = max(m.weight.numel() for n, m in model.named_modules() if _base_name(n) in quantized)
-        peak["backward"] += largest * torch.tensor([], dtype=compute).element_size()
+        for peak in peaks:
+            peak["backward"] += largest * torch.tensor([], dtype=compute).element_size()
         notes.append("4-bit layers: each weight is dequantized for its matmul, one at a time")
-    return peak["activations"], peak["logits"], peak["backward"] + peak["gradients"], notes
+    return *peaks, notes
 
 
 def _fake_batch(recipe: Recipe, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -794,9 +795,9 @@ def _loss(model, inputs, loss_fn, fake, device) -> torch.Tensor:
 
 def _live_bytes_mode():
     """A fake-tensor mode that, while `tracking`, keeps the bytes of every tensor storage its ops create, by
-    category, until the storage is freed, and their breakdown when the total was highest. Parameters and
-    buffers are counted from the model, not here; a gradient moves to 'gradients' once it is accumulated into
-    its weight."""
+    category, until the storage is freed, and their breakdown when the total was highest (`at_peak`) and when
+    the total of all but the gradients was (`at_steady_peak`). Parameters and buffers are counted from the
+    model, not here; a gradient moves to 'gradients' once it is accumulated into its weight."""
     import contextlib
 
     import torch
@@ -814,7 +815,8 @@ def _live_bytes_mode():
             self.category = "activations"
             self.live = dict.fromkeys(categories, 0)
             self.at_peak = dict(self.live)
-            self._peak = 0
+            self.at_steady_peak = dict(self.live)
+            self._peak = self._steady_peak = 0
             self._owner = WeakIdKeyDictionary()  # storage -> [category, bytes]
 
         @contextlib.contextmanager
@@ -856,6 +858,9 @@ def _live_bytes_mode():
             total = sum(self.live.values())
             if total > self._peak:
                 self._peak, self.at_peak = total, dict(self.live)
+            steady = total - self.live["gradients"]
+            if steady > self._steady_peak:
+                self._steady_peak, self.at_steady_peak = steady, dict(self.live, gradients=0)
 
         def _free(self, entry: list) -> None:
             self.live[entry[0]] -= entry[1]
@@ -880,6 +885,15 @@ def propose_fix(plan: MemoryPlan) -> tuple[str, MemoryPlan] | None:
         if candidate.fits:
             return flags, candidate
     return None
+
+
+def fix_command(recipe_path: Any, overrides: list[str] | None, flags: str) -> str:
+    """The finetune command with the user's --set flags and a fix's, the fix's replacing any of the same key."""
+    import shlex
+
+    changed = {flag.split("=", 1)[0] for flag in re.findall(r"--set (\S+)", flags)}
+    kept = [o for o in overrides or [] if o.split("=", 1)[0].strip() not in changed]
+    return f"llmtune finetune {recipe_path}{''.join(f' --set {shlex.quote(o)}' for o in kept)} {flags}"
 
 
 def no_fix_hint(plan: MemoryPlan) -> str:

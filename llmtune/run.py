@@ -123,16 +123,20 @@ def finetune(
 def _check_memory_plan(recipe: Recipe, recipe_path, overrides: list[str] | None, data: Any, main: bool) -> None:
     from llmtune import plan as planner
 
+    if not recipe.training.check_memory:
+        return
     memory = planner.start_plan(recipe, _longest_row(data.train))
     if memory is None:
         return
     if main:
         print(memory.summary(), flush=True)
-    if memory.fits or not recipe.training.check_memory:
+    if memory.fits:
         return
     fix = planner.propose_fix(memory)
-    command = f"llmtune finetune {recipe_path}{_set_flags(overrides)}"
-    then = f"it fits with: {command} {fix[0]}" if fix else planner.no_fix_hint(memory)
+    if fix is None:
+        then = planner.no_fix_hint(memory)
+    else:
+        then = f"it fits with: {planner.fix_command(recipe_path, overrides, fix[0])}"
     raise LLMTuneError(
         f"{recipe_path}: the memory plan needs {planner.gib(memory.needed)}, more than the "
         f"{planner.gib(memory.available)} free on {memory.device.name}; {then} (llmtune plan shows the breakdown), "

@@ -1,5 +1,4 @@
 import json
-import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -65,5 +64,4 @@ def plan(
         typer.echo(f"no single change makes it fit: {planner.no_fix_hint(result)}")
     else:
         flags, fixed = fix
-        given = "".join(f" --set {shlex.quote(o)}" for o in overrides or [])
-        typer.echo(f"fits with: llmtune finetune {recipe}{given} {flags}  (peak {planner.gib(fixed.total)})")
+        typer.echo(f"fits with: {planner.fix_command(recipe, overrides, flags)}  (peak {planner.gib(fixed.total)})")

@@ -69,8 +69,8 @@ class TrainingSpec(Spec):
     )
     check_memory: bool = Field(
         True,
-        description="refuse to start, before the weights load, when the memory plan (llmtune plan) says a step "
-        "cannot fit in the device's free memory; false: start anyway",
+        description="plan the run's memory before the weights load (llmtune plan), print its summary and refuse "
+        "to start when a step cannot fit in the device's free memory; false: start without a plan",
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],

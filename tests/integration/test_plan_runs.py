@@ -59,9 +59,10 @@ def test_a_run_that_cannot_fit_is_refused_with_a_change_that_fits(tmp_path, monk
     # The change the refusal names trains.
     finetune(recipe, [f"output.dir={tmp_path / 'runs' / 'fixed'}", "speed.gradient_checkpointing=true"])
     assert planned[-1].fits and (tmp_path / "runs" / "fixed" / "adapter" / "adapter_model.safetensors").is_file()
-    # So does the way out it offers.
+    # So does the way out it offers, without a plan.
+    made = len(planned)
     finetune(recipe, [f"output.dir={tmp_path / 'runs' / 'anyway'}", "training.check_memory=false"])
-    assert not planned[-1].fits and (tmp_path / "runs" / "anyway" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(planned) == made and (tmp_path / "runs" / "anyway" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_no_single_change_fits_says_what_is_left(tmp_path, monkeypatch, planned):
@@ -71,3 +72,13 @@ def test_no_single_change_fits_says_what_is_left(tmp_path, monkeypatch, planned)
         finetune(recipe)
     assert "it fits with" not in str(refusal.value)
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_run_the_planner_cannot_model_says_so_and_trains(tmp_path, planned, capsys):
+    recipe = write_tiny_recipe(
+        tmp_path, method={"name": "prompt", "num_virtual_tokens": 4}, training={"max_steps": 1, "batch_size": 4}
+    )
+    finetune(recipe)
+    assert planned == [None]
+    assert "plan: none for this run (method prompt: its virtual tokens" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()

@@ -125,7 +125,7 @@ def test_counts_equal_the_model_the_run_builds(tmp_path):
     from llmtune.methods import METHODS
     from llmtune.models import load_base_model
 
-    recipe = load_recipe(write_tiny_recipe(tmp_path, training={"bf16": False}))
+    recipe = load_recipe(write_tiny_recipe(tmp_path, training={"bf16": False, "grad_accum": 2}))
     result = plan.plan_recipe(recipe, plan.DEVICES["a100-80gb"], both_checkpointing=False)
     model = METHODS["lora"](recipe.method, load_base_model(recipe))
     params = list(model.parameters())
@@ -133,6 +133,7 @@ def test_counts_equal_the_model_the_run_builds(tmp_path):
     assert result.trainable_parameters == sum(p.numel() for p in params if p.requires_grad)
     # float32 training without autocast: nothing is cast, so weights are exactly the parameters' bytes.
     assert sum(result.weights.values()) == sum(p.numel() * p.element_size() for p in params)
+    # Across micro-batches every trained weight's gradient stays alive.
     assert result.gradients == result.trainable == 4 * result.trainable_parameters
     assert result.optimizer == 2 * result.trainable
 
@@ -155,9 +156,11 @@ def test_activations_grow_linearly_with_depth_so_two_depths_give_the_rest(tmp_pa
 
     line = plan._extrapolate(at(2), at(4), 6)
     direct = at(6)
-    for key in ("parameters", "trainable_parameters", "optimizer", "activations", "logits"):
+    for key in ("parameters", "trainable_parameters", "optimizer"):
         assert getattr(line, key) == pytest.approx(getattr(direct, key), rel=0.02), key
-    assert line.activations > at(4).activations > at(2).activations
+    for peak in ("step", "steady"):
+        assert sum(getattr(line, peak).values()) == pytest.approx(sum(getattr(direct, peak).values()), rel=0.02)
+    assert sum(direct.steady.values()) > sum(at(4).steady.values()) > sum(at(2).steady.values())
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +197,9 @@ def test_qlora_of_an_8b_config_at_batch_4_of_2048_tokens_fits_24_gib(llama_8b):
     # peft prepares a 4-bit model for training by keeping the rest (embeddings, head, norms) in float32, and
     # LoRA's weights train in float32: AdamW keeps two float32 moments for each.
     assert out["weights"]["float32"] == 4 * (2 * vocab * h + (2 * layers + 1) * h + lora)
-    assert out["gradients"] == 4 * lora and out["optimizer"] == 2 * 4 * lora
+    assert out["optimizer"] == 2 * 4 * lora
+    # Gradients are made during backward; at the step's peak at most all of them exist.
+    assert out["gradients"] <= 4 * lora
     assert out["gradient_checkpointing"] is True
     assert out["fits"] is True and out["total"] < 24 * GiB - plan.CUDA_RESERVE
     # Without checkpointing, four rows of 2,048 tokens keep every layer's activations: far past 24 GiB.
