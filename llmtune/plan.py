@@ -638,6 +638,11 @@ def _count_parameters(recipe: Recipe, model: nn.Module, quantized: set[str], spe
             trainable_n += p.numel()
             trainable_bytes += size
             optimizer += optimizer_bytes(recipe.training.optimizer, p)
+    from peft import PeftModel
+
+    if recipe.objective.reference_policy and not isinstance(model, PeftModel):
+        # No adapter to switch off: the reference is a second, frozen copy of the base, loaded as the policy was.
+        weights["reference copy"] = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "parameters": total,
         "trainable_parameters": trainable_n,

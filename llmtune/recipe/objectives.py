@@ -25,6 +25,9 @@ class _ObjectiveOptions(Spec):
     predicts_labels: ClassVar[bool] = False
     # Its held-out rows are prompts with a reference answer, scored by generating (eval.prompting applies).
     answers_prompts: ClassVar[bool] = False
+    # Scores each batch with a frozen reference policy too: the adapter switched off, or for a method without
+    # an adapter a second copy of the base model.
+    reference_policy: ClassVar[bool] = False
 
     def head_config(self) -> dict[str, Any]:
         """Config attributes the model needs for this objective (e.g. the labels of a classification head)."""
@@ -48,6 +51,7 @@ class _PreferenceOptions(_ObjectiveOptions):
 
 class DPOSpec(_PreferenceOptions):
     name: Literal["dpo"]
+    reference_policy: ClassVar[bool] = True
     beta: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
     )
@@ -73,6 +77,7 @@ class SimPOSpec(_PreferenceOptions):
 
 class KTOSpec(_PreferenceOptions):
     name: Literal["kto"]
+    reference_policy: ClassVar[bool] = True
     beta: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="how far the policy may move from the reference; lower = further"
     )

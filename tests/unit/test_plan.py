@@ -255,3 +255,16 @@ def test_objectives_that_generate_while_training_are_not_planned(tmp_path):
 def test_cli_errors_are_one_line(tmp_path, option):
     recipe = write_tiny_recipe(tmp_path)
     assert_one_line_error(run_cli("plan", str(recipe), *option, cwd=tmp_path), f"{option[0]} {option[1]!r}")
+
+
+@pytest.mark.parametrize("method, copies", [({"name": "full"}, True), ({"name": "lora", "r": 4}, False)])
+def test_dpo_without_an_adapter_holds_a_second_copy_of_the_base_as_its_reference(tmp_path, method, copies):
+    from helpers import write_preference_recipe
+
+    recipe = load_recipe(write_preference_recipe(tmp_path, method=method))
+    result = plan.plan_recipe(recipe, plan.DEVICES["h100"], both_checkpointing=False)
+    if copies:
+        # Full fine-tuning in float32: the copy weighs what the trained model does.
+        assert result.weights["reference copy"] == result.weights["float32"] == result.trainable
+    else:
+        assert "reference copy" not in result.weights
