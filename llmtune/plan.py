@@ -358,11 +358,20 @@ def _plan(recipe: Recipe, device: DeviceInfo, nproc: int, both_checkpointing: bo
     return _memory_plan(recipe, device, nproc, counts, other)
 
 
+_COUNTS: dict[str, _Counts] = {}
+
+
 def _at_full_depth(recipe: Recipe, device: DeviceInfo) -> _Counts:
-    layers = _layers(recipe)
-    if layers <= DEPTHS[1]:
-        return _step(recipe, device, layers)
-    return _extrapolate(*(_step(recipe, device, depth) for depth in DEPTHS), layers)
+    # The step does not depend on the device's memory or the number of devices: plans for other amounts of
+    # either (the shards a fix tries) reuse it.
+    key = json.dumps([recipe.model_dump(mode="json", exclude={"eval", "output"}), repr(replace(device, memory=0))])
+    if key not in _COUNTS:
+        layers = _layers(recipe)
+        if layers <= DEPTHS[1]:
+            _COUNTS[key] = _step(recipe, device, layers)
+        else:
+            _COUNTS[key] = _extrapolate(*(_step(recipe, device, depth) for depth in DEPTHS), layers)
+    return _COUNTS[key]
 
 
 def _flip_checkpointing(recipe: Recipe, speed: SpeedPlan) -> Recipe | None:
@@ -889,6 +898,15 @@ def propose_fix(plan: MemoryPlan) -> tuple[str, MemoryPlan] | None:
         candidate = plan_recipe(_with(recipe, changes), plan.device, plan.nproc, both_checkpointing=False)
         if candidate.fits:
             return flags, candidate
+    # Then more GPUs, each holding a shard of the weights, gradients and optimizer state (processes on one CPU
+    # share its memory: more of them do not help).
+    if plan.device.gpu and not recipe.training.sharded:
+        sharded = _with(recipe, {"training": {"fsdp": True}})
+        for nproc in (2, 4, 8):
+            if nproc > plan.nproc:
+                candidate = plan_recipe(sharded, plan.device, nproc, both_checkpointing=False)
+                if candidate.fits:
+                    return f"--set training.fsdp=true --nproc {nproc}", candidate
     return None
 
 
@@ -902,10 +920,10 @@ def fix_command(recipe_path: Any, overrides: list[str] | None, flags: str) -> st
 
 
 def no_fix_hint(plan: MemoryPlan) -> str:
-    """What is left to try when no single recipe change makes `plan`'s run fit."""
+    """What is left to try when no single recipe change, nor sharding over up to 8 GPUs, makes `plan`'s run fit."""
     if plan.device.gpu:
-        return "shorten data.max_length, or shard the model over more GPUs (training.fsdp: true with --nproc N)"
-    return "shorten data.max_length"  # processes on one CPU share its memory: more of them do not help
+        return "shorten data.max_length, or shard over more than 8 GPUs (llmtune plan --nproc N says how many)"
+    return "shorten data.max_length"
 
 
 def _fixes(recipe: Recipe, speed: SpeedPlan):

@@ -268,3 +268,19 @@ def test_dpo_without_an_adapter_holds_a_second_copy_of_the_base_as_its_reference
         assert result.weights["reference copy"] == result.weights["float32"] == result.trainable
     else:
         assert "reference copy" not in result.weights
+
+
+FULL_FLOAT32 = ["method={name: full}", "training.dtype=float32", "training.batch_size=1", "data.max_length=512"]
+
+
+def test_when_no_recipe_change_fits_a_gpu_the_fix_shards_over_more_gpus(llama_8b):
+    """Full float32 fine-tuning of an 8B model: weights, gradients and AdamW state alone are over 100 GiB."""
+    one = plan.plan_recipe(load_recipe(llama_8b, FULL_FLOAT32), plan.DEVICES["a100-40gb"], both_checkpointing=False)
+    assert not one.fits and one.optimizer == 2 * 4 * one.trainable_parameters
+    flags, fixed = plan.propose_fix(one)
+    nproc = int(flags.rsplit(" ", 1)[1])
+    assert flags == f"--set training.fsdp=true --nproc {nproc}" and fixed.fits
+    # Each device holds 1/nproc of the weights and optimizer state; half as many devices would not fit.
+    assert fixed.optimizer == pytest.approx(one.optimizer / nproc, abs=nproc)
+    sharded = load_recipe(llama_8b, [*FULL_FLOAT32, "training.fsdp=true"])
+    assert not plan.plan_recipe(sharded, plan.DEVICES["a100-40gb"], nproc // 2, both_checkpointing=False).fits
