@@ -5,8 +5,7 @@ from typing import Annotated
 import typer
 
 from llmtune.cli.options import Overrides
-
-_DEVICES = "h100, a100-80gb, a100-40gb, l4, a10, rtx4090, rtx3090, t4"
+from llmtune.plan import DEVICES  # the planner's table, imported without torch
 
 
 def plan(
@@ -16,8 +15,8 @@ def plan(
         str | None,
         typer.Option(
             "--device",
-            help=f"Plan for this device: {_DEVICES}, or cpu (this machine, measured); default: the machine this "
-            "runs on.",
+            help=f"Plan for this device: {', '.join(DEVICES)}, or cpu (this machine, measured); default: the "
+            "machine this runs on.",
         ),
     ] = None,
     memory: Annotated[
